@@ -1,0 +1,110 @@
+//! `coroutine::Builder`: name and stack size, fallible creation.
+
+use std::io;
+
+use super::header::Header;
+use super::stack::{round_stack_size, DEFAULT_STACK_SIZE};
+use super::{current, overflow, pool, Coroutine};
+
+/// Configures a coroutine before creating it: its name (shown in stack
+/// overflow reports and `Debug`) and its stack size. Unlike
+/// [`Coroutine::new`], [`spawn`](Builder::spawn) reports a stack that cannot
+/// be mapped as an `io::Error`.
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::coroutine::{self, Builder};
+///
+/// let co = Builder::new()
+///     .name("worker")
+///     .stack_size(64 * 1024)
+///     .spawn(|| {
+///         coroutine::suspend();
+///         21 * 2
+///     })?;
+/// assert_eq!(co.name(), Some("worker"));
+/// co.enter();
+/// co.enter();
+/// assert_eq!(co.take_result(), Some(42));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+#[doc(alias = "qemu_coroutine_create")]
+pub struct Builder {
+    name: Option<String>,
+    stack_size: Option<usize>,
+}
+
+impl Builder {
+    /// A builder with no name and the default stack size
+    /// ([`DEFAULT_STACK_SIZE`](super::DEFAULT_STACK_SIZE), 1 MiB).
+    pub fn new() -> Builder {
+        Builder::default()
+    }
+
+    /// Names the coroutine.
+    pub fn name(mut self, name: impl Into<String>) -> Builder {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Sets the usable stack size in bytes (rounded up to whole pages, at
+    /// least [`MIN_STACK_SIZE`](super::MIN_STACK_SIZE)). A guard page is
+    /// added below it. Only stacks of the default size are pooled.
+    pub fn stack_size(mut self, size: usize) -> Builder {
+        self.stack_size = Some(size);
+        self
+    }
+
+    /// Creates the coroutine. It does not run until entered.
+    ///
+    /// # Errors
+    ///
+    /// `OutOfMemory` (or the `mmap` error) when no stack can be mapped: the
+    /// [stack budget](super::max_live_stacks) is spent or the system refused
+    /// the memory.
+    pub fn spawn<F, T>(self, f: F) -> io::Result<Coroutine<T>>
+    where
+        F: FnOnce() -> T + 'static,
+        T: 'static,
+    {
+        let size = match self.stack_size {
+            None => DEFAULT_STACK_SIZE,
+            Some(s) => round_stack_size(s),
+        };
+        let worker = pool::take_worker(size)?;
+        let h = pool::take_header();
+        // SAFETY: a header from the pool is unreferenced and ours.
+        let hr = unsafe { h.as_ref() };
+        hr.init(f);
+        // SAFETY: the worker is idle and now owned by this header.
+        hr.bounds.set(unsafe { worker.as_ref() }.bounds);
+        hr.worker.set(Some(worker));
+        if let Some(name) = self.name {
+            // SAFETY: home-thread fields of a header nothing else sees yet.
+            unsafe {
+                *hr.overflow_msg.get() = Some(overflow::render_named(&name));
+                *hr.name.get() = Some(name.into_boxed_str());
+            }
+        }
+        inherit_resumer(hr);
+        // SAFETY: `init` set strong to 1 for this handle.
+        Ok(unsafe { Coroutine::from_header(h) })
+    }
+}
+
+/// A coroutine created inside another one shares its resumer.
+fn inherit_resumer(h: &Header) {
+    let cur = current::current_ptr();
+    if cur.is_null() {
+        return;
+    }
+    // SAFETY: the running coroutine's header is alive; resumer is a
+    // home-thread field and no reference into it is live.
+    unsafe {
+        if let Some(r) = &*(*cur).resumer.get() {
+            *h.resumer.get() = Some(r.clone());
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! The coroutine header: the state a coroutine's handles share.
+//!
+//! A header lives beside the stack, not on it, and is pooled per thread. It
+//! outlives the stack: when the body returns, the worker (stack and
+//! corosensei context) goes back to the pool at once while the header keeps
+//! the result until an owner takes it.
+//!
+//! ```text
+//!   Coroutine<T> ──strong──┐
+//!   Coroutine<T> ──strong──┤
+//!   wake-up lists ──weak───┼──► Header ──worker──► Worker { corosensei ctx, CoStack }
+//!   enter loop ────weak────┘     │  (while unfinished)      (pooled per thread)
+//!                                ├─ payload: closure, then result
+//!                                ├─ state, caller, wake-up list, resumer
+//!                                └─ generation (atomic), remote refs (atomic)
+//! ```
+//!
+//! # Field access rules
+//!
+//! Every `Cell`/`UnsafeCell` field is touched only on the home thread (the
+//! thread that created the coroutine): handles are `!Send`, and the enter
+//! loop, `suspend` and the pools are thread-local. Only `generation` and
+//! `remote` are read from other threads.
+//!
+//! # Counts
+//!
+//! * `strong`: [`Coroutine`](super::Coroutine) handles. When it drops to 0
+//!   the coroutine is unwound if suspended, its closure or result dropped.
+//! * `weak`: same-thread references that do not own: entries of wake-up
+//!   lists and the enter loop's hold on the coroutine it is running.
+//! * `remote`: references from other threads (wakers, remote handles).
+//!
+//! The header goes back to the pool when all three are 0 (see
+//! [`release_remote`] for the hand-off when the last remote reference drops
+//! after the home thread let go).
+
+use std::any::TypeId;
+use std::cell::{Cell, UnsafeCell};
+use std::collections::VecDeque;
+use std::marker::PhantomData;
+use std::mem::{self, MaybeUninit};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use super::pool::Worker;
+use super::stack::StackBounds;
+
+/// Lifecycle of the coroutine a header describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Created, never entered: the payload holds the closure.
+    Fresh,
+    /// On the current call chain (entered and not yet suspended).
+    Running,
+    /// Suspended in `suspend()`.
+    Suspended,
+    /// Returned, panicked or was unwound; the worker is gone.
+    Finished,
+}
+
+/// What the payload slot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Payload {
+    Empty,
+    Closure,
+    Result,
+}
+
+/// Inline storage for the entry closure and then its result. Closures and
+/// results that do not fit are boxed, with the box pointer stored inline.
+#[repr(C, align(16))]
+pub(crate) struct Inline([MaybeUninit<u8>; 64]);
+
+const fn fits<X>() -> bool {
+    mem::size_of::<X>() <= mem::size_of::<Inline>() && mem::align_of::<X>() <= 16
+}
+
+/// # Safety
+/// `slot` must be valid for writes and hold no live value.
+unsafe fn put<X>(slot: *mut Inline, x: X) {
+    if fits::<X>() {
+        // SAFETY: X fits size and alignment of Inline; slot is writable.
+        unsafe { ptr::write(slot.cast::<X>(), x) }
+    } else {
+        // SAFETY: a pointer fits in Inline; slot is writable.
+        unsafe { ptr::write(slot.cast::<*mut X>(), Box::into_raw(Box::new(x))) }
+    }
+}
+
+/// # Safety
+/// `slot` must hold a value of type `X` stored by [`put`]; it is moved out.
+unsafe fn take<X>(slot: *mut Inline) -> X {
+    if fits::<X>() {
+        // SAFETY: the caller guarantees slot holds an X written by `put`.
+        unsafe { ptr::read(slot.cast::<X>()) }
+    } else {
+        // SAFETY: `put` stored a pointer from Box::into_raw.
+        unsafe { *Box::from_raw(ptr::read(slot.cast::<*mut X>())) }
+    }
+}
+
+/// Type-erased operations on the payload, one static table per `(F, T)`.
+pub(crate) struct PayloadVTable {
+    /// Moves the closure out, runs it, stores the result. Sets `payload` to
+    /// `Empty` before running and `Result` after.
+    pub(crate) run: unsafe fn(&Header),
+    pub(crate) drop_closure: unsafe fn(*mut Inline),
+    pub(crate) drop_result: unsafe fn(*mut Inline),
+    pub(crate) result_type: fn() -> TypeId,
+}
+
+struct VTableFor<F, T>(PhantomData<(F, T)>);
+
+impl<F: FnOnce() -> T + 'static, T: 'static> VTableFor<F, T> {
+    const VTABLE: PayloadVTable = PayloadVTable {
+        run: run::<F, T>,
+        drop_closure: drop_in::<F>,
+        drop_result: drop_in::<T>,
+        result_type: TypeId::of::<T>,
+    };
+}
+
+/// # Safety
+/// The header's payload must hold a closure of type `F`.
+unsafe fn run<F: FnOnce() -> T, T>(h: &Header) {
+    debug_assert_eq!(h.payload.get(), Payload::Closure);
+    h.payload.set(Payload::Empty);
+    // SAFETY: payload was Closure, written by `Header::init::<F, T>`.
+    let f = unsafe { take::<F>(h.slot.get()) };
+    let t = f();
+    // SAFETY: the slot is empty (the closure was moved out above).
+    unsafe { put::<T>(h.slot.get(), t) };
+    h.payload.set(Payload::Result);
+}
+
+/// # Safety
+/// `slot` must hold an `X` stored by [`put`].
+unsafe fn drop_in<X>(slot: *mut Inline) {
+    // SAFETY: forwarded from the caller.
+    drop(unsafe { take::<X>(slot) });
+}
+
+/// Hooks through which a coroutine is queued to be entered later by its
+/// driver: a `CoroutineFuture` or an `AioContext` (later issues). The slot
+/// is fixed at creation and inherited from the creating coroutine.
+pub(crate) trait Resumer: Send + Sync {
+    /// Queue the coroutine (by its remote reference) on this resumer and
+    /// signal its driver. Called from any thread.
+    #[allow(dead_code)]
+    fn schedule(&self, co: super::RemoteRef);
+}
+
+/// A non-owning same-thread reference, as held by wake-up lists.
+pub(crate) struct WeakRef(NonNull<Header>);
+
+impl WeakRef {
+    pub(crate) fn new(h: &Header) -> WeakRef {
+        h.weak.set(h.weak.get() + 1);
+        WeakRef(NonNull::from(h))
+    }
+
+    pub(crate) fn header(&self) -> &Header {
+        // SAFETY: the weak count keeps the header out of the pool.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+impl Drop for WeakRef {
+    fn drop(&mut self) {
+        let h = self.header();
+        h.weak.set(h.weak.get() - 1);
+        // SAFETY: this was the last use of the pointer by this reference.
+        unsafe { Header::maybe_recycle(self.0) };
+    }
+}
+
+/// Set in `remote` once the home thread has let go (strong == weak == 0)
+/// while remote references were alive: the last remote drop frees the
+/// header.
+pub(crate) const HOME_GONE: usize = 1 << (usize::BITS - 1);
+
+pub(crate) struct Header {
+    pub(crate) strong: Cell<usize>,
+    pub(crate) weak: Cell<usize>,
+    pub(crate) state: Cell<State>,
+    /// The coroutine that entered this one (null: a plain thread); only
+    /// meaningful while `Running`.
+    pub(crate) caller: Cell<*const Header>,
+    /// The worker running this coroutine; `None` once finished.
+    pub(crate) worker: Cell<Option<NonNull<Worker>>>,
+    /// Guard page of the worker's stack, for the overflow reporter.
+    pub(crate) bounds: Cell<StackBounds>,
+    /// Coroutines woken by this one, entered when it suspends or finishes
+    /// (QEMU's `co_queue_wakeup`).
+    pub(crate) wakeup: UnsafeCell<VecDeque<WeakRef>>,
+    /// Set while this header sits in some coroutine's wake-up list, so a
+    /// second wake does not queue it twice.
+    pub(crate) queued: Cell<bool>,
+    /// The unwind in progress was started by coroloop (last handle dropped).
+    pub(crate) cancelling: Cell<bool>,
+    pub(crate) payload: Cell<Payload>,
+    pub(crate) slot: UnsafeCell<Inline>,
+    pub(crate) vtable: Cell<&'static PayloadVTable>,
+    /// Name given to the builder.
+    pub(crate) name: UnsafeCell<Option<Box<str>>>,
+    /// "coroutine 'NAME' has overflowed its stack\n", rendered at creation
+    /// so the signal handler need not format anything.
+    pub(crate) overflow_msg: UnsafeCell<Option<Box<[u8]>>>,
+    pub(crate) resumer: UnsafeCell<Option<std::sync::Arc<dyn Resumer>>>,
+    /// Bumped whenever the coroutine finishes and whenever the header is
+    /// reused; a remote reference carrying an older value is stale.
+    pub(crate) generation: AtomicU64,
+    /// Remote references plus the `HOME_GONE` bit.
+    pub(crate) remote: AtomicUsize,
+}
+
+static EMPTY_VTABLE: PayloadVTable = PayloadVTable {
+    run: run_nothing,
+    drop_closure: drop_nothing,
+    drop_result: drop_nothing,
+    result_type: TypeId::of::<()>,
+};
+
+/// # Safety
+/// Never called: the empty table is only installed while the payload is
+/// `Empty`.
+unsafe fn run_nothing(_: &Header) {}
+/// # Safety
+/// No preconditions.
+unsafe fn drop_nothing(_: *mut Inline) {}
+
+impl Header {
+    pub(crate) fn new_boxed() -> NonNull<Header> {
+        let h = Box::new(Header {
+            strong: Cell::new(0),
+            weak: Cell::new(0),
+            state: Cell::new(State::Finished),
+            caller: Cell::new(ptr::null()),
+            worker: Cell::new(None),
+            bounds: Cell::new(StackBounds::default()),
+            wakeup: UnsafeCell::new(VecDeque::new()),
+            queued: Cell::new(false),
+            cancelling: Cell::new(false),
+            payload: Cell::new(Payload::Empty),
+            slot: UnsafeCell::new(Inline([MaybeUninit::uninit(); 64])),
+            vtable: Cell::new(&EMPTY_VTABLE),
+            name: UnsafeCell::new(None),
+            overflow_msg: UnsafeCell::new(None),
+            resumer: UnsafeCell::new(None),
+            generation: AtomicU64::new(0),
+            remote: AtomicUsize::new(0),
+        });
+        NonNull::from(Box::leak(h))
+    }
+
+    /// Prepares a pooled (or new) header for a coroutine running `f`.
+    pub(crate) fn init<F, T>(&self, f: F)
+    where
+        F: FnOnce() -> T + 'static,
+        T: 'static,
+    {
+        debug_assert_eq!(self.payload.get(), Payload::Empty);
+        debug_assert_eq!(self.strong.get(), 0);
+        // SAFETY: the payload is Empty, so the slot holds no live value.
+        unsafe { put::<F>(self.slot.get(), f) };
+        self.payload.set(Payload::Closure);
+        self.vtable.set(&VTableFor::<F, T>::VTABLE);
+        self.state.set(State::Fresh);
+        self.strong.set(1);
+        self.cancelling.set(false);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    pub(crate) fn name(&self) -> Option<&str> {
+        // SAFETY: home-thread field, only written at creation and reset.
+        unsafe { (*self.name.get()).as_deref() }
+    }
+
+    /// Drops whatever the payload holds (closure or result).
+    pub(crate) fn clear_payload(&self) {
+        let vt = self.vtable.get();
+        match self.payload.replace(Payload::Empty) {
+            Payload::Empty => {}
+            // SAFETY: the payload state says what the slot holds.
+            Payload::Closure => unsafe { (vt.drop_closure)(self.slot.get()) },
+            // SAFETY: as above.
+            Payload::Result => unsafe { (vt.drop_result)(self.slot.get()) },
+        }
+    }
+
+    /// Moves the result out if it is a `T`.
+    pub(crate) fn take_result<T: 'static>(&self) -> Option<T> {
+        if self.payload.get() != Payload::Result
+            || (self.vtable.get().result_type)() != TypeId::of::<T>()
+        {
+            return None;
+        }
+        self.payload.set(Payload::Empty);
+        // SAFETY: the payload holds a result whose type id is T's.
+        Some(unsafe { take::<T>(self.slot.get()) })
+    }
+
+    /// Pushes `co` on this coroutine's wake-up list unless already queued.
+    pub(crate) fn push_wakeup(&self, co: &Header) {
+        if co.queued.replace(true) {
+            return;
+        }
+        // SAFETY: home-thread field; no reference into the deque is live
+        // (the enter loop swaps the whole deque out before iterating).
+        unsafe { (*self.wakeup.get()).push_back(WeakRef::new(co)) };
+    }
+
+    /// Moves the wake-up list out.
+    pub(crate) fn take_wakeups(&self) -> VecDeque<WeakRef> {
+        // SAFETY: home-thread field, no other reference is live.
+        unsafe { mem::take(&mut *self.wakeup.get()) }
+    }
+
+    pub(crate) fn has_wakeups(&self) -> bool {
+        // SAFETY: home-thread field, no mutable reference is live.
+        unsafe { !(*self.wakeup.get()).is_empty() }
+    }
+
+    /// Returns the header to the pool (or frees it) once nothing refers to
+    /// it. Called after any count dropped.
+    ///
+    /// # Safety
+    ///
+    /// `h` must point to a live header and the caller must not use it after
+    /// this call unless it holds a count.
+    pub(crate) unsafe fn maybe_recycle(h: NonNull<Header>) {
+        // SAFETY: the caller guarantees h is live.
+        let r = unsafe { h.as_ref() };
+        if r.strong.get() != 0 || r.weak.get() != 0 || r.state.get() == State::Running {
+            return;
+        }
+        // Nothing on this thread refers to it any more: drop what is
+        // thread-bound before anything can see it from another thread.
+        r.clear_payload();
+        r.reset_home_fields();
+        if r.remote.load(Ordering::Acquire) == 0 {
+            // No remote reference exists, and new ones are only made on the
+            // home thread from a strong reference: recycle here.
+            super::pool::recycle_header(h);
+            return;
+        }
+        let prev = r.remote.fetch_or(HOME_GONE, Ordering::AcqRel);
+        if prev == 0 {
+            // The last remote reference went away in between.
+            r.remote.store(0, Ordering::Relaxed);
+            super::pool::recycle_header(h);
+        }
+        // Otherwise the last remote drop frees it (`release_remote`).
+    }
+
+    fn reset_home_fields(&self) {
+        debug_assert!(self.worker.get().is_none());
+        self.vtable.set(&EMPTY_VTABLE);
+        // SAFETY: home-thread fields, no references into them are live.
+        unsafe {
+            (*self.name.get()) = None;
+            (*self.overflow_msg.get()) = None;
+            (*self.resumer.get()) = None;
+            // Entries were dropped as they ran; a finished coroutine may
+            // still hold some if it finished during an unwind.
+            (*self.wakeup.get()).clear();
+        }
+        self.queued.set(false);
+        self.cancelling.set(false);
+    }
+}
+
+/// Takes one remote reference (any thread that already holds one, or the
+/// home thread holding a strong reference).
+pub(crate) fn acquire_remote(h: &Header) {
+    let prev = h.remote.fetch_add(1, Ordering::Relaxed);
+    if prev & !HOME_GONE > isize::MAX as usize / 2 {
+        std::process::abort();
+    }
+}
+
+/// Drops one remote reference; frees the header if it was the last
+/// reference of all.
+///
+/// # Safety
+///
+/// The caller must own one remote reference to `h` and not use it again.
+pub(crate) unsafe fn release_remote(h: NonNull<Header>) {
+    // SAFETY: our remote reference keeps the header allocated.
+    let prev = unsafe { h.as_ref() }.remote.fetch_sub(1, Ordering::AcqRel);
+    if prev == HOME_GONE | 1 {
+        // The home thread let go and cleared every thread-bound field
+        // (`maybe_recycle`); only plain data and atomics remain, which may
+        // be freed from any thread.
+        // SAFETY: nothing else refers to the header.
+        drop(unsafe { Box::from_raw(h.as_ptr()) });
+    }
+}

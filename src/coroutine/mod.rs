@@ -1,0 +1,765 @@
+//! Stackful coroutines, as QEMU's `qemu_coroutine_*` API.
+//!
+//! A [`Coroutine`] runs a closure on its own stack. [`enter`] switches to it
+//! and returns when it [`suspend`]s or finishes; `enter` again resumes it
+//! where it suspended. A coroutine may create and enter others: `suspend`
+//! always returns to whoever entered the current coroutine (QEMU's caller
+//! chain), and entering a coroutine that is already on the chain panics.
+//!
+//! ```
+//! use coroloop::coroutine::{self, Coroutine};
+//! use std::{cell::RefCell, rc::Rc};
+//!
+//! let log = Rc::new(RefCell::new(Vec::new()));
+//! let l = log.clone();
+//! let co = Coroutine::new(move || {
+//!     l.borrow_mut().push("co: start");
+//!     coroutine::suspend();
+//!     l.borrow_mut().push("co: resumed");
+//!     7
+//! });
+//! log.borrow_mut().push("main: enter");
+//! co.enter();
+//! log.borrow_mut().push("main: enter again");
+//! co.enter();
+//! assert!(co.is_finished());
+//! assert_eq!(co.take_result(), Some(7));
+//! assert_eq!(
+//!     *log.borrow(),
+//!     ["main: enter", "co: start", "main: enter again", "co: resumed"]
+//! );
+//! ```
+//!
+//! # Ownership
+//!
+//! The handles own the coroutine. When the last [`Coroutine`] handle is
+//! dropped while the coroutine is suspended, the coroutine is *unwound*: its
+//! `suspend()` call unwinds (without running the panic hook), destructors on
+//! its stack run, and its stack goes back to the pool. Code running during
+//! that unwind must not suspend (a second `suspend` re-raises the unwind;
+//! one from a destructor aborts). Under `panic = "abort"` the coroutine
+//! cannot be unwound and is leaked with a log line instead.
+//!
+//! A handle dropped while its coroutine runs (for example the coroutine's
+//! only handle cleared from inside it) lets the coroutine continue; it is
+//! unwound when it next suspends, or simply released when it finishes.
+//!
+//! # Wake-up list
+//!
+//! [`Coroutine::wake`] called from inside a coroutine does not switch: the
+//! woken coroutine is appended to the *current* coroutine's wake-up list and
+//! entered as soon as the current one suspends or finishes (QEMU's
+//! `co_queue_wakeup`; the locks are built on it). Woken coroutines run
+//! depth-first: those a coroutine wakes run before the ones queued earlier.
+//! Called outside any coroutine, `wake` enters at once.
+//!
+//! # Panics
+//!
+//! A panic inside a coroutine finishes it and resumes unwinding out of the
+//! `enter` (or `wake`) that resumed it, after the coroutines queued on wake-up
+//! lists in that call have run.
+//!
+//! # Stacks and pools
+//!
+//! Stacks are `mmap`ed with a guard page ([`DEFAULT_STACK_SIZE`] = 1 MiB,
+//! as QEMU; only touched pages use memory). Finished coroutines give their
+//! stack, still set up as a live context, to a per-thread pool, so creating
+//! a coroutine usually costs a few nanoseconds; see
+//! [`increase_pool_batch_size`] and [`max_live_stacks`] for the limits that
+//! keep the pools from exhausting `vm.max_map_count`. A coroutine that
+//! overflows its stack aborts the process with
+//! `coroutine 'NAME' has overflowed its stack` on stderr.
+//!
+//! [`enter`]: Coroutine::enter
+
+mod builder;
+mod current;
+mod header;
+mod overflow;
+mod pool;
+mod stack;
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
+use std::panic::resume_unwind;
+use std::ptr::{self, NonNull};
+use std::sync::atomic::Ordering;
+
+pub use builder::Builder;
+pub use pool::{decrease_pool_batch_size, increase_pool_batch_size, pool_batch_size, pool_stats};
+pub use stack::{
+    live_stacks, max_live_stacks, set_max_live_stacks, DEFAULT_STACK_SIZE, MIN_STACK_SIZE,
+};
+
+use header::{Header, State, WeakRef};
+use pool::{Cancelled, Cmd, Event, Worker};
+
+#[allow(unused_imports)] // used by the bridges of later modules
+pub(crate) use header::Resumer;
+
+/// The result type of a handle whose coroutine's result type is not known,
+/// such as the one [`Coroutine::current`] returns. It has no values: such a
+/// handle's [`take_result`](Coroutine::take_result) always returns `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Erased {}
+
+/// A handle to a stackful coroutine whose body returns a `T`.
+///
+/// Handles are reference counted ([`Clone`]) and own the coroutine: see
+/// [Ownership](self#ownership). They are `!Send`, because a coroutine's stack
+/// may hold thread-bound values and therefore never changes thread:
+///
+/// ```compile_fail
+/// let co = coroloop::Coroutine::new(|| ());
+/// std::thread::spawn(move || co.enter());
+/// ```
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::{coroutine, Coroutine};
+///
+/// let co = Coroutine::new(|| {
+///     for _ in 0..3 {
+///         coroutine::suspend();
+///     }
+///     "done"
+/// });
+/// let mut entries = 0;
+/// while !co.is_finished() {
+///     co.enter();
+///     entries += 1;
+/// }
+/// assert_eq!(entries, 4);
+/// assert_eq!(co.take_result(), Some("done"));
+/// ```
+pub struct Coroutine<T = ()> {
+    h: NonNull<Header>,
+    _marker: PhantomData<(*const (), fn() -> T)>,
+}
+
+impl<T: 'static> Coroutine<T> {
+    /// Creates a coroutine that will run `f` when first entered.
+    ///
+    /// # Panics
+    ///
+    /// Panics if no stack can be mapped; use [`Builder::spawn`] to get an
+    /// `io::Error` instead.
+    #[doc(alias = "qemu_coroutine_create")]
+    pub fn new<F>(f: F) -> Coroutine<T>
+    where
+        F: FnOnce() -> T + 'static,
+    {
+        match Builder::new().spawn(f) {
+            Ok(co) => co,
+            Err(e) => panic!("Coroutine::new: cannot create a coroutine: {e}"),
+        }
+    }
+
+    /// Moves the result out once the coroutine has finished.
+    ///
+    /// Returns `None` before it finished, if it panicked or was unwound, if
+    /// the result was already taken (through any handle), or if this handle
+    /// is a [`Coroutine<Erased>`].
+    pub fn take_result(&self) -> Option<T> {
+        self.header().take_result::<T>()
+    }
+}
+
+impl Coroutine<Erased> {
+    /// The coroutine running on this thread, or `None` outside coroutines.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroloop::Coroutine;
+    /// assert!(Coroutine::current().is_none());
+    /// let co = Coroutine::new(|| Coroutine::current().unwrap().name().map(String::from));
+    /// co.enter();
+    /// assert_eq!(co.take_result(), Some(None));
+    /// ```
+    #[doc(alias = "qemu_coroutine_self")]
+    pub fn current() -> Option<Coroutine<Erased>> {
+        let p = current::current_ptr();
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: the running coroutine's header is alive (the enter loop
+        // holds a weak count on it).
+        let h = unsafe { &*p };
+        h.strong.set(h.strong.get() + 1);
+        // SAFETY: we just took a strong count for the new handle.
+        Some(unsafe { Coroutine::from_header(NonNull::from(h)) })
+    }
+}
+
+impl<T> Coroutine<T> {
+    /// # Safety
+    ///
+    /// The caller hands one strong count of `h` to the new handle.
+    unsafe fn from_header(h: NonNull<Header>) -> Coroutine<T> {
+        Coroutine {
+            h,
+            _marker: PhantomData,
+        }
+    }
+
+    fn header(&self) -> &Header {
+        // SAFETY: our strong count keeps the header alive.
+        unsafe { self.h.as_ref() }
+    }
+
+    /// Enters the coroutine now: runs it until it suspends or finishes, then
+    /// runs the coroutines it (and they) woke, then returns.
+    ///
+    /// # Panics
+    ///
+    /// * if the coroutine is already on this thread's call chain (it is
+    ///   running, or it entered the coroutine calling `enter`), as QEMU's
+    ///   "Co-routine re-entered recursively";
+    /// * if the coroutine has finished;
+    /// * with the coroutine's own panic, if it panics.
+    #[doc(alias = "qemu_coroutine_enter")]
+    #[track_caller]
+    pub fn enter(&self) {
+        let h = self.header();
+        match h.state.get() {
+            State::Running => panic!(
+                "Coroutine::enter: coroutine re-entered recursively \
+                 (it is already on this thread's call chain)"
+            ),
+            State::Finished => {
+                panic!("Coroutine::enter: the coroutine has already finished")
+            }
+            State::Fresh | State::Suspended => {}
+        }
+        enter_now(h);
+    }
+
+    /// Enters the coroutine unless it is already on the call chain; returns
+    /// whether it was entered.
+    ///
+    /// # Panics
+    ///
+    /// As [`enter`](Self::enter) if the coroutine has finished or panics.
+    #[doc(alias = "qemu_coroutine_enter_if_inactive")]
+    #[track_caller]
+    pub fn enter_if_inactive(&self) -> bool {
+        if self.is_entered() {
+            return false;
+        }
+        self.enter();
+        true
+    }
+
+    /// Wakes the coroutine on its home thread (QEMU's `aio_co_wake` without
+    /// an AioContext).
+    ///
+    /// Inside a coroutine this appends it to the current coroutine's wake-up
+    /// list (entered when the current one suspends or finishes); outside, it
+    /// enters it before returning. Waking a coroutine that is running or
+    /// already queued does nothing more, and waking a finished one does
+    /// nothing: a coroutine may see a wake it was not waiting for, so code
+    /// that suspends must check its own condition when resumed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroloop::{coroutine, Coroutine};
+    /// use std::{cell::Cell, rc::Rc};
+    ///
+    /// let step = Rc::new(Cell::new(0));
+    /// let s = step.clone();
+    /// let waiter = Coroutine::new(move || {
+    ///     coroutine::suspend();
+    ///     s.set(s.get() + 1);
+    /// });
+    /// waiter.enter();
+    /// let w = waiter.clone();
+    /// let s = step.clone();
+    /// let waker = Coroutine::new(move || {
+    ///     w.wake();
+    ///     assert_eq!(s.get(), 0, "woken coroutine runs after this one suspends");
+    ///     coroutine::suspend();
+    /// });
+    /// waker.enter();
+    /// assert_eq!(step.get(), 1);
+    /// ```
+    #[doc(alias = "aio_co_wake")]
+    #[doc(alias = "aio_co_enter")]
+    pub fn wake(&self) {
+        wake_header(self.header());
+    }
+
+    /// Whether the coroutine is on this thread's call chain: running, or
+    /// waiting for a coroutine it entered to suspend.
+    #[doc(alias = "qemu_coroutine_entered")]
+    pub fn is_entered(&self) -> bool {
+        self.header().state.get() == State::Running
+    }
+
+    /// Whether the coroutine has finished: returned, panicked, or was
+    /// unwound.
+    pub fn is_finished(&self) -> bool {
+        self.header().state.get() == State::Finished
+    }
+
+    /// Whether the coroutine has been entered at least once.
+    pub fn is_started(&self) -> bool {
+        self.header().state.get() != State::Fresh
+    }
+
+    /// The name given to the [`Builder`], if any.
+    pub fn name(&self) -> Option<&str> {
+        self.header().name()
+    }
+
+    /// Forgets the result type, to keep coroutines of different types
+    /// together.
+    pub fn erase(self) -> Coroutine<Erased> {
+        let this = ManuallyDrop::new(self);
+        // SAFETY: the strong count moves from `this` (not dropped) to the
+        // new handle.
+        unsafe { Coroutine::from_header(this.h) }
+    }
+
+    #[allow(dead_code)] // used by the bridges of later modules
+    pub(crate) fn remote_ref(&self) -> RemoteRef {
+        RemoteRef::new(self.header())
+    }
+}
+
+impl<T> Clone for Coroutine<T> {
+    fn clone(&self) -> Self {
+        let h = self.header();
+        h.strong.set(h.strong.get() + 1);
+        // SAFETY: we just took a strong count for the new handle.
+        unsafe { Coroutine::from_header(self.h) }
+    }
+}
+
+impl<T> Drop for Coroutine<T> {
+    fn drop(&mut self) {
+        let h = self.header();
+        let strong = h.strong.get() - 1;
+        h.strong.set(strong);
+        if strong == 0 {
+            release_owner(h);
+        }
+        // SAFETY: our count is gone; we do not use `h` afterwards.
+        unsafe { Header::maybe_recycle(self.h) };
+    }
+}
+
+impl<T, U> PartialEq<Coroutine<U>> for Coroutine<T> {
+    /// Two handles are equal when they refer to the same coroutine.
+    fn eq(&self, other: &Coroutine<U>) -> bool {
+        self.h == other.h
+    }
+}
+
+impl<T> Eq for Coroutine<T> {}
+
+impl<T> Hash for Coroutine<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.h.hash(state)
+    }
+}
+
+impl<T> fmt::Debug for Coroutine<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let h = self.header();
+        f.debug_struct("Coroutine")
+            .field("addr", &self.h)
+            .field("name", &h.name())
+            .field("state", &h.state.get())
+            .finish()
+    }
+}
+
+/// Suspends the current coroutine: control returns to whoever entered it.
+/// Returns when the coroutine is entered (or woken) again.
+///
+/// Being resumed is not a grant: a coroutine may be woken by something it
+/// was not waiting for, so wait loops check their own condition.
+///
+/// # Panics
+///
+/// Panics if called outside a coroutine, or from a destructor running while
+/// the coroutine is being unwound (which aborts).
+#[doc(alias = "qemu_coroutine_yield")]
+#[track_caller]
+pub fn suspend() {
+    let p = current::current_ptr();
+    if p.is_null() {
+        panic!("coroutine::suspend() called outside a coroutine");
+    }
+    // SAFETY: the running coroutine's header is alive.
+    let h = unsafe { &*p };
+    if h.cancelling.get() {
+        raise_cancel();
+    }
+    let w = h
+        .worker
+        .get()
+        .expect("coroloop: running coroutine without a worker");
+    // SAFETY: the worker of the running coroutine is alive, and its yielder
+    // (set when the job started) lives on the worker's own stack, which is
+    // the stack we are running on.
+    let y = unsafe { &*w.as_ref().yielder.get() };
+    match y.suspend(Event::Suspended) {
+        Cmd::Resume => {}
+        Cmd::Cancel => resume_unwind(Box::new(Cancelled)),
+        Cmd::Run(_) | Cmd::Exit => {
+            log::error!("coroloop: suspended coroutine resumed as an idle worker");
+            std::process::abort();
+        }
+    }
+}
+
+#[track_caller]
+fn raise_cancel() -> ! {
+    if std::thread::panicking() {
+        panic!(
+            "coroutine::suspend() called while the coroutine is being unwound \
+             (its last handle was dropped); code run during the unwind must not suspend"
+        );
+    }
+    resume_unwind(Box::new(Cancelled))
+}
+
+/// Whether the caller runs inside a coroutine.
+///
+/// ```
+/// use coroloop::{coroutine, Coroutine};
+/// assert!(!coroutine::in_coroutine());
+/// Coroutine::new(|| assert!(coroutine::in_coroutine())).enter();
+/// ```
+#[doc(alias = "qemu_in_coroutine")]
+pub fn in_coroutine() -> bool {
+    !current::current_ptr().is_null()
+}
+
+/// Handles the last strong handle going away.
+fn release_owner(h: &Header) {
+    match h.state.get() {
+        State::Fresh => {
+            h.clear_payload();
+            if let Some(w) = h.worker.take() {
+                h.state.set(State::Finished);
+                h.generation.fetch_add(1, Ordering::Release);
+                // SAFETY: the worker never ran this job, so it is idle.
+                unsafe { pool::release_worker(w) };
+            }
+        }
+        State::Suspended => {
+            if let Some(cmd) = unwind_cmd(h) {
+                if let Some(p) = run_loop(WeakRef::new(h), cmd) {
+                    if std::thread::panicking() {
+                        log::error!(
+                            "coroloop: a coroutine panicked while being unwound during a panic; \
+                             its panic is dropped"
+                        );
+                    } else {
+                        resume_unwind(p);
+                    }
+                }
+            }
+        }
+        // Orphaned while running: the enter loop unwinds it at its next
+        // suspension or releases it when it finishes.
+        State::Running => {}
+        State::Finished => h.clear_payload(),
+    }
+}
+
+/// How to get rid of a suspended coroutine nobody owns.
+fn unwind_cmd(h: &Header) -> Option<Cmd> {
+    if cfg!(panic = "abort") {
+        // SAFETY: home-thread field.
+        let name = h.name().unwrap_or("<unnamed>");
+        log::warn!(
+            "coroloop: leaking suspended coroutine '{name}' ({:p}): \
+             panic=abort cannot unwind its stack",
+            h
+        );
+        // The worker (and its mapped stack) is leaked on purpose.
+        let _ = h.worker.take();
+        h.state.set(State::Finished);
+        h.generation.fetch_add(1, Ordering::Release);
+        None
+    } else {
+        h.cancelling.set(true);
+        Some(Cmd::Cancel)
+    }
+}
+
+/// Enters `h` now (it is Fresh or Suspended), resuming its panic if any.
+#[track_caller]
+fn enter_now(h: &Header) {
+    let cmd = start_cmd(h);
+    if let Some(p) = run_loop(WeakRef::new(h), cmd) {
+        resume_unwind(p);
+    }
+}
+
+fn start_cmd(h: &Header) -> Cmd {
+    match h.state.get() {
+        State::Fresh => Cmd::Run(NonNull::from(h)),
+        _ => Cmd::Resume,
+    }
+}
+
+fn wake_header(h: &Header) {
+    match h.state.get() {
+        State::Running | State::Finished => return,
+        State::Fresh | State::Suspended => {}
+    }
+    let cur = current::current_ptr();
+    if cur.is_null() {
+        enter_now(h);
+    } else {
+        // SAFETY: the running coroutine's header is alive.
+        unsafe { &*cur }.push_wakeup(h);
+    }
+}
+
+/// Runs `first` with `cmd`, then every coroutine queued on the wake-up
+/// lists of the coroutines it ran, depth-first. Returns the first panic.
+fn run_loop(first: WeakRef, cmd: Cmd) -> Option<Box<dyn Any + Send>> {
+    let from = current::current_ptr();
+    let mut panic: Option<Box<dyn Any + Send>> = None;
+    let mut pending: VecDeque<WeakRef> = VecDeque::new();
+    let mut next = Some((first, cmd));
+    while let Some((cur, mut cmd)) = next.take() {
+        let h = cur.header();
+        loop {
+            if let Some(p) = switch(h, from, cmd) {
+                if panic.is_none() {
+                    panic = Some(p);
+                } else {
+                    log::error!("coroloop: a second coroutine panicked in one enter; panic dropped");
+                }
+            }
+            if h.state.get() == State::Suspended && h.strong.get() == 0 {
+                // Its last handle went away while it ran: unwind it now.
+                if let Some(c) = unwind_cmd(h) {
+                    cmd = c;
+                    continue;
+                }
+            }
+            break;
+        }
+        if h.has_wakeups() {
+            let mut woken = h.take_wakeups();
+            woken.append(&mut pending);
+            pending = woken;
+        }
+        drop(cur);
+        while let Some(r) = pending.pop_front() {
+            let rh = r.header();
+            rh.queued.set(false);
+            match rh.state.get() {
+                // Stale (finished) or redundant (already on the chain) wake.
+                State::Finished | State::Running => continue,
+                State::Fresh | State::Suspended => {
+                    let c = start_cmd(rh);
+                    next = Some((r, c));
+                    break;
+                }
+            }
+        }
+    }
+    panic
+}
+
+/// Switches to `h` and records how it came back.
+fn switch(h: &Header, from: *const Header, cmd: Cmd) -> Option<Box<dyn Any + Send>> {
+    let w = h
+        .worker
+        .get()
+        .expect("coroloop: entering a coroutine without a worker");
+    h.caller.set(from);
+    h.state.set(State::Running);
+    current::set_current(h);
+    // SAFETY: `w` is this coroutine's worker, alive while unfinished, and
+    // not on the call chain (the coroutine was Fresh or Suspended).
+    let ev = unsafe { Worker::resume(w, cmd) };
+    current::set_current(from);
+    h.caller.set(ptr::null());
+    match ev {
+        Event::Suspended => {
+            h.state.set(State::Suspended);
+            None
+        }
+        Event::Finished | Event::Cancelled => {
+            finish(h, w);
+            None
+        }
+        Event::Panicked(p) => {
+            finish(h, w);
+            Some(p)
+        }
+    }
+}
+
+fn finish(h: &Header, w: NonNull<Worker>) {
+    h.state.set(State::Finished);
+    h.worker.set(None);
+    h.cancelling.set(false);
+    h.generation.fetch_add(1, Ordering::Release);
+    // SAFETY: the worker's job ended, so it is idle in its loop.
+    unsafe { pool::release_worker(w) };
+    if h.strong.get() == 0 {
+        // Nobody can take the result.
+        h.clear_payload();
+    }
+}
+
+/// A reference to a coroutine usable from any thread: it keeps the header
+/// allocated (never the coroutine alive) and remembers the generation it
+/// was made in, so it goes stale once that coroutine finishes.
+///
+/// The wakers and remote handles of the AioContext and future bridges are
+/// built on it.
+#[allow(dead_code)] // used by the bridges of later modules
+pub(crate) struct RemoteRef {
+    h: NonNull<Header>,
+    generation: u64,
+}
+
+// SAFETY: a RemoteRef only touches the header's atomic fields (`generation`
+// and `remote`) off the home thread; the header is freed by whichever
+// thread drops the last reference, after the home thread cleared every
+// thread-bound field (see `Header::maybe_recycle`).
+unsafe impl Send for RemoteRef {}
+// SAFETY: as above; every method takes `&self` and only reads atomics.
+unsafe impl Sync for RemoteRef {}
+
+#[allow(dead_code)] // used by the bridges of later modules
+impl RemoteRef {
+    fn new(h: &Header) -> RemoteRef {
+        header::acquire_remote(h);
+        RemoteRef {
+            h: NonNull::from(h),
+            generation: h.generation.load(Ordering::Acquire),
+        }
+    }
+
+    /// Whether the coroutine this reference was made for is still the one
+    /// the header describes and has not finished.
+    pub(crate) fn is_current(&self) -> bool {
+        // SAFETY: our remote count keeps the header allocated.
+        unsafe { self.h.as_ref() }.generation.load(Ordering::Acquire) == self.generation
+    }
+
+    /// A handle to the coroutine, on its home thread, if it is current.
+    ///
+    /// # Safety
+    ///
+    /// Must be called on the coroutine's home thread.
+    pub(crate) unsafe fn upgrade(&self) -> Option<Coroutine<Erased>> {
+        // SAFETY: our remote count keeps the header allocated; the caller
+        // is on the home thread, so the Cell fields may be read.
+        let h = unsafe { self.h.as_ref() };
+        if !self.is_current() || h.strong.get() == 0 {
+            return None;
+        }
+        h.strong.set(h.strong.get() + 1);
+        // SAFETY: we took a strong count for the handle.
+        Some(unsafe { Coroutine::from_header(self.h) })
+    }
+}
+
+impl Clone for RemoteRef {
+    fn clone(&self) -> Self {
+        // SAFETY: our remote count keeps the header allocated.
+        header::acquire_remote(unsafe { self.h.as_ref() });
+        RemoteRef {
+            h: self.h,
+            generation: self.generation,
+        }
+    }
+}
+
+impl Drop for RemoteRef {
+    fn drop(&mut self) {
+        // SAFETY: we own one remote count and give it up here.
+        unsafe { header::release_remote(self.h) };
+    }
+}
+
+impl fmt::Debug for RemoteRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteRef")
+            .field("addr", &self.h)
+            .field("generation", &self.generation)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_ref_goes_stale_when_the_coroutine_finishes() {
+        let co = Coroutine::new(suspend);
+        let r = co.remote_ref();
+        assert!(r.is_current());
+        co.enter();
+        // SAFETY: same thread.
+        assert!(unsafe { r.upgrade() }.is_some());
+        co.enter();
+        assert!(co.is_finished());
+        assert!(!r.is_current());
+        // SAFETY: same thread.
+        assert!(unsafe { r.upgrade() }.is_none());
+    }
+
+    #[test]
+    fn header_outlives_handles_while_remote_refs_exist() {
+        let co = Coroutine::new(|| 5u32);
+        let r = co.remote_ref();
+        co.enter();
+        drop(co);
+        // The home thread let go: the header waits for the remote drop.
+        let t = std::thread::spawn(move || {
+            assert!(!r.is_current());
+            drop(r);
+        });
+        t.join().unwrap();
+        // A new coroutine still works (the header was freed, not pooled).
+        let co = Coroutine::new(|| 6u32);
+        co.enter();
+        assert_eq!(co.take_result(), Some(6));
+    }
+
+    #[test]
+    fn resumer_is_inherited_by_nested_coroutines() {
+        use std::sync::{Arc, Mutex};
+        struct Recorder(Mutex<Vec<bool>>);
+        impl Resumer for Recorder {
+            fn schedule(&self, co: RemoteRef) {
+                self.0.lock().unwrap().push(co.is_current());
+            }
+        }
+        let rec: Arc<Recorder> = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let outer = Coroutine::new(|| {
+            let inner = Coroutine::new(|| ());
+            // SAFETY: home-thread field of a live header.
+            let r = unsafe { (*inner.header().resumer.get()).clone() };
+            r.map(|r| r.schedule(inner.remote_ref())).is_some()
+        });
+        let dynrec: Arc<dyn Resumer> = rec.clone();
+        // SAFETY: home-thread field of a fresh header, set before entering.
+        unsafe { *outer.header().resumer.get() = Some(dynrec) };
+        outer.enter();
+        assert_eq!(outer.take_result(), Some(true));
+        assert_eq!(*rec.0.lock().unwrap(), [true]);
+    }
+}

@@ -1,0 +1,362 @@
+//! Workers and the coroutine pools.
+//!
+//! A *worker* is a corosensei coroutine whose body is a loop: it receives a
+//! header, runs that header's closure, reports how it ended, and waits for
+//! the next header. Taking a worker from the pool therefore costs a context
+//! switch, not a new context. A worker is a suspended coroutine, so it never
+//! changes thread:
+//!
+//! * each thread keeps its idle workers of the default stack size in a
+//!   local pool of at most [`pool_batch_size`] entries;
+//! * a worker that does not fit is retired: its loop returns and its bare
+//!   stack goes to the global release pool (at most twice the batch size,
+//!   shared by all threads), or is unmapped;
+//! * a thread whose local pool is empty builds a worker on a stack from the
+//!   release pool before mapping a new one.
+//!
+//! Headers are pooled per thread as well (`recycle_header`).
+
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Mutex;
+
+use corosensei::{CoroutineResult, Yielder};
+
+use super::header::Header;
+use super::stack::{CoStack, StackBounds, DEFAULT_STACK_SIZE};
+
+/// What the enter loop asks of a worker.
+pub(crate) enum Cmd {
+    /// Run this header's closure (the worker is idle).
+    Run(NonNull<Header>),
+    /// Return from `suspend()`.
+    Resume,
+    /// Return from `suspend()` by unwinding (last handle dropped).
+    Cancel,
+    /// Leave the loop (the worker is idle and being retired).
+    Exit,
+}
+
+/// How a worker handed control back.
+pub(crate) enum Event {
+    Suspended,
+    Finished,
+    Panicked(Box<dyn Any + Send>),
+    Cancelled,
+}
+
+/// Panic payload used to unwind a coroutine whose last handle was dropped.
+pub(crate) struct Cancelled;
+
+pub(crate) struct Worker {
+    co: corosensei::Coroutine<Cmd, Event, (), CoStack>,
+    /// The worker loop's yielder; set on every `Run` (it never moves, but
+    /// only the loop can see it).
+    pub(crate) yielder: Cell<*const Yielder<Cmd, Event>>,
+    pub(crate) bounds: StackBounds,
+    pub(crate) size: usize,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker").field("bounds", &self.bounds).finish()
+    }
+}
+
+fn worker_main(y: &Yielder<Cmd, Event>, mut cmd: Cmd) {
+    loop {
+        let h = match cmd {
+            Cmd::Run(h) => h,
+            Cmd::Exit => return,
+            Cmd::Resume | Cmd::Cancel => {
+                // The enter loop only resumes idle workers with Run or Exit.
+                log::error!("coroloop: idle worker resumed without a job");
+                std::process::abort();
+            }
+        };
+        // SAFETY: the enter loop holds a weak count on the header while the
+        // worker runs it.
+        let hr = unsafe { h.as_ref() };
+        if let Some(w) = hr.worker.get() {
+            // SAFETY: the header's worker is this worker, which is alive.
+            unsafe { w.as_ref() }.yielder.set(y);
+        }
+        let run = hr.vtable.get().run;
+        // SAFETY: the payload holds the closure this vtable was made for.
+        let ev = match catch_unwind(AssertUnwindSafe(|| unsafe { run(hr) })) {
+            Ok(()) => Event::Finished,
+            Err(p) if hr.cancelling.get() && p.is::<Cancelled>() => Event::Cancelled,
+            Err(p) => Event::Panicked(p),
+        };
+        cmd = y.suspend(ev);
+    }
+}
+
+impl Worker {
+    fn new(stack: CoStack) -> NonNull<Worker> {
+        super::overflow::ensure_installed();
+        let bounds = stack.bounds();
+        let size = stack.size();
+        let w = Box::new(Worker {
+            co: corosensei::Coroutine::with_stack(stack, worker_main),
+            yielder: Cell::new(std::ptr::null()),
+            bounds,
+            size,
+        });
+        NonNull::from(Box::leak(w))
+    }
+
+    /// Switches to the worker.
+    ///
+    /// # Safety
+    ///
+    /// `w` must be a live worker of this thread that is not on the current
+    /// call chain, and `cmd` must fit its state (see [`Cmd`]).
+    pub(crate) unsafe fn resume(w: NonNull<Worker>, cmd: Cmd) -> Event {
+        // SAFETY: only the `co` field is borrowed mutably; code running on
+        // the worker reaches the other fields through shared references.
+        let co = unsafe { &mut (*w.as_ptr()).co };
+        match co.resume(cmd) {
+            CoroutineResult::Yield(ev) => ev,
+            CoroutineResult::Return(()) => {
+                log::error!("coroloop: worker loop returned while running a job");
+                std::process::abort();
+            }
+        }
+    }
+
+    /// Ends an idle worker's loop and gives back its stack.
+    ///
+    /// # Safety
+    ///
+    /// `w` must be an idle worker of this thread, not used afterwards.
+    unsafe fn retire(w: NonNull<Worker>) -> CoStack {
+        // SAFETY: the caller hands over ownership of the Box.
+        let mut b = unsafe { Box::from_raw(w.as_ptr()) };
+        if b.co.started() {
+            match b.co.resume(Cmd::Exit) {
+                CoroutineResult::Return(()) => {}
+                CoroutineResult::Yield(_) => {
+                    log::error!("coroloop: retired worker did not exit");
+                    std::process::abort();
+                }
+            }
+        }
+        b.co.into_stack()
+    }
+}
+
+/// Idle workers kept per thread, and headers.
+struct LocalPool {
+    workers: Vec<NonNull<Worker>>,
+    headers: Vec<NonNull<Header>>,
+}
+
+impl Drop for LocalPool {
+    fn drop(&mut self) {
+        for w in self.workers.drain(..) {
+            // SAFETY: pooled workers are idle and owned by the pool.
+            let stack = unsafe { Worker::retire(w) };
+            release_stack(stack);
+        }
+        for h in self.headers.drain(..) {
+            // SAFETY: pooled headers are unreferenced and owned by the pool.
+            drop(unsafe { Box::from_raw(h.as_ptr()) });
+        }
+    }
+}
+
+thread_local! {
+    static LOCAL: RefCell<LocalPool> = const {
+        RefCell::new(LocalPool { workers: Vec::new(), headers: Vec::new() })
+    };
+}
+
+/// QEMU's initial pool size and batch size.
+const POOL_INITIAL_SIZE: usize = 64;
+
+static POOL_BATCH: AtomicUsize = AtomicUsize::new(POOL_INITIAL_SIZE);
+
+/// Bare stacks shared by all threads (the release pool).
+static RELEASE: Mutex<Vec<CoStack>> = Mutex::new(Vec::new());
+
+/// Number of idle workers each thread keeps (and half the number of bare
+/// stacks the process keeps). Starts at 64, as QEMU's pool.
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::coroutine;
+/// let before = coroutine::pool_batch_size();
+/// coroutine::increase_pool_batch_size(16);
+/// assert_eq!(coroutine::pool_batch_size(), before + 16);
+/// coroutine::decrease_pool_batch_size(16);
+/// assert_eq!(coroutine::pool_batch_size(), before);
+/// ```
+pub fn pool_batch_size() -> usize {
+    POOL_BATCH.load(Relaxed)
+}
+
+/// Lets the pools keep `n` more idle coroutines, for a user that expects
+/// that many more in flight at once (QEMU raises it per virtqueue).
+///
+/// The pools never keep more stacks than [`max_live_stacks`] allows.
+///
+/// [`max_live_stacks`]: super::max_live_stacks
+#[doc(alias = "qemu_coroutine_increase_pool_batch_size")]
+#[doc(alias = "qemu_coroutine_inc_pool_size")]
+pub fn increase_pool_batch_size(n: usize) {
+    POOL_BATCH.fetch_add(n, Relaxed);
+}
+
+/// Undoes [`increase_pool_batch_size`]. Idle coroutines beyond the new size
+/// are released as they come back to a pool.
+///
+/// # Panics
+///
+/// Panics if `n` is larger than the current batch size.
+#[doc(alias = "qemu_coroutine_decrease_pool_batch_size")]
+#[doc(alias = "qemu_coroutine_dec_pool_size")]
+pub fn decrease_pool_batch_size(n: usize) {
+    let r = POOL_BATCH.fetch_update(Relaxed, Relaxed, |cur| cur.checked_sub(n));
+    if let Err(cur) = r {
+        panic!("coroutine::decrease_pool_batch_size({n}): the batch size is only {cur}");
+    }
+}
+
+/// A worker for a new coroutine with a stack of `size` bytes.
+pub(crate) fn take_worker(size: usize) -> io::Result<NonNull<Worker>> {
+    if size == DEFAULT_STACK_SIZE {
+        let w = LOCAL
+            .try_with(|p| p.borrow_mut().workers.pop())
+            .ok()
+            .flatten();
+        if let Some(w) = w {
+            return Ok(w);
+        }
+        let stack = RELEASE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(stack) = stack {
+            return Ok(Worker::new(stack));
+        }
+    }
+    let stack = match CoStack::new(size) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::OutOfMemory => {
+            // Idle stacks count against the budget: give them back, retry.
+            if trim_pools() == 0 {
+                return Err(e);
+            }
+            CoStack::new(size)?
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(Worker::new(stack))
+}
+
+/// Unmaps every idle stack this thread and the release pool hold; returns
+/// how many were freed.
+fn trim_pools() -> usize {
+    let workers = LOCAL
+        .try_with(|p| std::mem::take(&mut p.borrow_mut().workers))
+        .unwrap_or_default();
+    let mut n = workers.len();
+    for w in workers {
+        // SAFETY: pooled workers are idle and owned by the pool.
+        drop(unsafe { Worker::retire(w) });
+    }
+    let stacks = std::mem::take(&mut *RELEASE.lock().unwrap_or_else(|e| e.into_inner()));
+    n += stacks.len();
+    drop(stacks);
+    n
+}
+
+/// Takes back an idle worker (its job finished, panicked or was unwound).
+///
+/// # Safety
+///
+/// `w` must be an idle worker of this thread that nothing else refers to.
+pub(crate) unsafe fn release_worker(w: NonNull<Worker>) {
+    // SAFETY: the caller guarantees w is live.
+    let size = unsafe { w.as_ref() }.size;
+    if size == DEFAULT_STACK_SIZE {
+        let batch = pool_batch_size();
+        let kept = LOCAL
+            .try_with(|p| {
+                let mut p = p.borrow_mut();
+                if p.workers.len() < batch {
+                    p.workers.push(w);
+                    true
+                } else {
+                    false
+                }
+            })
+            .unwrap_or(false);
+        if kept {
+            return;
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    let stack = unsafe { Worker::retire(w) };
+    release_stack(stack);
+}
+
+fn release_stack(stack: CoStack) {
+    if stack.size() != DEFAULT_STACK_SIZE {
+        return;
+    }
+    let cap = pool_batch_size() * 2;
+    let mut pool = RELEASE.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < cap {
+        pool.push(stack);
+    }
+}
+
+/// A header for a new coroutine.
+pub(crate) fn take_header() -> NonNull<Header> {
+    LOCAL
+        .try_with(|p| p.borrow_mut().headers.pop())
+        .ok()
+        .flatten()
+        .unwrap_or_else(Header::new_boxed)
+}
+
+/// Takes back a header nothing refers to.
+pub(crate) fn recycle_header(h: NonNull<Header>) {
+    let batch = pool_batch_size();
+    let kept = LOCAL
+        .try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.headers.len() < batch * 4 {
+                p.headers.push(h);
+                true
+            } else {
+                false
+            }
+        })
+        .unwrap_or(false);
+    if !kept {
+        // SAFETY: nothing refers to the header any more.
+        drop(unsafe { Box::from_raw(h.as_ptr()) });
+    }
+}
+
+/// Idle workers in this thread's pool and bare stacks in the release pool.
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::{coroutine, Coroutine};
+/// let co = Coroutine::new(|| ());
+/// co.enter();
+/// let (local, _global) = coroutine::pool_stats();
+/// assert!(local >= 1, "the finished coroutine's worker is pooled");
+/// ```
+pub fn pool_stats() -> (usize, usize) {
+    let local = LOCAL.try_with(|p| p.borrow().workers.len()).unwrap_or(0);
+    let global = RELEASE.lock().unwrap_or_else(|e| e.into_inner()).len();
+    (local, global)
+}
