@@ -348,10 +348,12 @@ impl<T> Drop for Coroutine<T> {
         let strong = h.strong.get() - 1;
         h.strong.set(strong);
         if strong == 0 {
+            // Hold the header while the owner's duties run; dropping this
+            // last reference recycles it exactly once.
+            let hold = WeakRef::new(h);
             release_owner(h);
+            drop(hold);
         }
-        // SAFETY: our count is gone; we do not use `h` afterwards.
-        unsafe { Header::maybe_recycle(self.h) };
     }
 }
 

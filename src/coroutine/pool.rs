@@ -145,6 +145,10 @@ impl Worker {
                     std::process::abort();
                 }
             }
+        } else {
+            // Never resumed: this only drops the (captureless) entry
+            // function stored on the stack.
+            b.co.force_unwind();
         }
         b.co.into_stack()
     }
