@@ -314,7 +314,10 @@ fn builder_names_and_stack_sizes() {
         .stack_size(16 * 1024)
         .spawn(|| {
             let buf = [1u8; 8 * 1024];
-            std::hint::black_box(&buf).iter().map(|&b| b as u32).sum::<u32>()
+            std::hint::black_box(&buf)
+                .iter()
+                .map(|&b| b as u32)
+                .sum::<u32>()
         })
         .unwrap();
     assert_eq!(co.name(), Some("small"));

@@ -74,7 +74,10 @@ fn exhaustion_child() {
     let live = cos.len();
     println!("live={live} max_map_count={max_map_count} error={err}");
     assert_eq!(err.kind(), std::io::ErrorKind::OutOfMemory, "{err}");
-    assert!(live >= expected_min, "only {live} coroutines before failing");
+    assert!(
+        live >= expected_min,
+        "only {live} coroutines before failing"
+    );
     // Creating through the panicking path would panic with the same error;
     // the fallible path must keep failing cleanly.
     assert!(Builder::new().spawn(|| ()).is_err());

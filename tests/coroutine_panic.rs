@@ -197,5 +197,9 @@ fn catching_the_unwind_and_suspending_again_is_refused() {
     });
     co.enter();
     drop(co);
-    assert_eq!(attempts.get(), 3, "every later suspend re-raised the unwind");
+    assert_eq!(
+        attempts.get(),
+        3,
+        "every later suspend re-raised the unwind"
+    );
 }

@@ -83,7 +83,9 @@ fn suspend_outside_a_coroutine_panics() {
 fn decreasing_the_pool_below_zero_panics() {
     let msg = panic_message(|| coroutine::decrease_pool_batch_size(usize::MAX));
     assert!(
-        msg.starts_with("coroutine::decrease_pool_batch_size(18446744073709551615): the batch size is only"),
+        msg.starts_with(
+            "coroutine::decrease_pool_batch_size(18446744073709551615): the batch size is only"
+        ),
         "{msg}"
     );
 }
@@ -95,7 +97,8 @@ fn an_impossible_stack_size_is_an_error_not_a_panic() {
         .spawn(|| ())
         .unwrap_err();
     assert!(
-        err.to_string().starts_with("cannot map a coroutine stack of"),
+        err.to_string()
+            .starts_with("cannot map a coroutine stack of"),
         "{err}"
     );
     still_usable();

@@ -73,33 +73,43 @@ impl Builder {
             None => DEFAULT_STACK_SIZE,
             Some(s) => round_stack_size(s),
         };
-        let worker = pool::take_worker(size)?;
-        let h = pool::take_header();
-        // SAFETY: a header from the pool is unreferenced and ours.
-        let hr = unsafe { h.as_ref() };
-        hr.init(f);
-        // SAFETY: the worker is idle and now owned by this header.
-        hr.bounds.set(unsafe { worker.as_ref() }.bounds);
-        hr.worker.set(Some(worker));
+        let co = spawn_inner(f, size)?;
         if let Some(name) = self.name {
+            let hr = co.header();
             // SAFETY: home-thread fields of a header nothing else sees yet.
             unsafe {
                 *hr.overflow_msg.get() = Some(overflow::render_named(&name));
                 *hr.name.get() = Some(name.into_boxed_str());
             }
         }
-        inherit_resumer(hr);
-        // SAFETY: `init` set strong to 1 for this handle.
-        Ok(unsafe { Coroutine::from_header(h) })
+        Ok(co)
     }
 }
 
-/// A coroutine created inside another one shares its resumer.
-fn inherit_resumer(h: &Header) {
+/// Creates an unnamed coroutine with a stack of `size` bytes.
+#[inline]
+pub(super) fn spawn_inner<F, T>(f: F, size: usize) -> io::Result<Coroutine<T>>
+where
+    F: FnOnce() -> T + 'static,
+    T: 'static,
+{
+    let (worker, h) = pool::take_pair(size)?;
+    // SAFETY: a header from the pool is unreferenced and ours.
+    let hr = unsafe { h.as_ref() };
+    hr.init(f);
+    // SAFETY: the worker is idle and now owned by this header.
+    hr.bounds.set(unsafe { worker.as_ref() }.bounds);
+    hr.worker.set(Some(worker));
     let cur = current::current_ptr();
-    if cur.is_null() {
-        return;
+    if !cur.is_null() {
+        inherit_resumer(cur, hr);
     }
+    // SAFETY: `init` set strong to 1 for this handle.
+    Ok(unsafe { Coroutine::from_header(h) })
+}
+
+/// A coroutine created inside another one shares its resumer.
+fn inherit_resumer(cur: *const Header, h: &Header) {
     // SAFETY: the running coroutine's header is alive; resumer is a
     // home-thread field and no reference into it is live.
     unsafe {

@@ -36,7 +36,6 @@
 
 use std::any::TypeId;
 use std::cell::{Cell, UnsafeCell};
-use std::collections::VecDeque;
 use std::marker::PhantomData;
 use std::mem::{self, MaybeUninit};
 use std::ptr::{self, NonNull};
@@ -104,8 +103,9 @@ pub(crate) struct PayloadVTable {
     /// Moves the closure out, runs it, stores the result. Sets `payload` to
     /// `Empty` before running and `Result` after.
     pub(crate) run: unsafe fn(&Header),
-    pub(crate) drop_closure: unsafe fn(*mut Inline),
-    pub(crate) drop_result: unsafe fn(*mut Inline),
+    /// `None` when dropping is a no-op (inline and no drop glue).
+    pub(crate) drop_closure: Option<unsafe fn(*mut Inline)>,
+    pub(crate) drop_result: Option<unsafe fn(*mut Inline)>,
     pub(crate) result_type: fn() -> TypeId,
 }
 
@@ -114,8 +114,8 @@ struct VTableFor<F, T>(PhantomData<(F, T)>);
 impl<F: FnOnce() -> T + 'static, T: 'static> VTableFor<F, T> {
     const VTABLE: PayloadVTable = PayloadVTable {
         run: run::<F, T>,
-        drop_closure: drop_in::<F>,
-        drop_result: drop_in::<T>,
+        drop_closure: dropper::<F>(),
+        drop_result: dropper::<T>(),
         result_type: TypeId::of::<T>,
     };
 }
@@ -131,6 +131,14 @@ unsafe fn run<F: FnOnce() -> T, T>(h: &Header) {
     // SAFETY: the slot is empty (the closure was moved out above).
     unsafe { put::<T>(h.slot.get(), t) };
     h.payload.set(Payload::Result);
+}
+
+const fn dropper<X>() -> Option<unsafe fn(*mut Inline)> {
+    if fits::<X>() && !mem::needs_drop::<X>() {
+        None
+    } else {
+        Some(drop_in::<X>)
+    }
 }
 
 /// # Safety
@@ -154,6 +162,7 @@ pub(crate) trait Resumer: Send + Sync {
 pub(crate) struct WeakRef(NonNull<Header>);
 
 impl WeakRef {
+    #[inline]
     pub(crate) fn new(h: &Header) -> WeakRef {
         h.weak.set(h.weak.get() + 1);
         WeakRef(NonNull::from(h))
@@ -163,9 +172,102 @@ impl WeakRef {
         // SAFETY: the weak count keeps the header out of the pool.
         unsafe { self.0.as_ref() }
     }
+
+    /// Gives up the handle without dropping the weak count.
+    fn into_raw(self) -> *const Header {
+        let p = self.0.as_ptr();
+        mem::forget(self);
+        p
+    }
+
+    /// # Safety
+    ///
+    /// `p` must come from [`WeakRef::into_raw`] (it owns a weak count).
+    unsafe fn from_raw(p: *const Header) -> WeakRef {
+        // SAFETY: into_raw's pointer is non-null.
+        WeakRef(unsafe { NonNull::new_unchecked(p as *mut Header) })
+    }
+}
+
+/// An intrusive FIFO of headers linked through `wake_next`; every entry
+/// owns one weak count. A header is in at most one list (`queued`).
+pub(crate) struct WakeList {
+    head: Cell<*const Header>,
+    tail: Cell<*const Header>,
+}
+
+impl WakeList {
+    pub(crate) const fn new() -> WakeList {
+        WakeList {
+            head: Cell::new(ptr::null()),
+            tail: Cell::new(ptr::null()),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.head.get().is_null()
+    }
+
+    /// Appends `co` unless it already is in some list.
+    pub(crate) fn push_back(&self, co: &Header) {
+        if co.queued.replace(true) {
+            return;
+        }
+        co.wake_next.set(ptr::null());
+        let p = WeakRef::new(co).into_raw();
+        let tail = self.tail.get();
+        if tail.is_null() {
+            self.head.set(p);
+        } else {
+            // SAFETY: entries are kept alive by their weak counts.
+            unsafe { (*tail).wake_next.set(p) };
+        }
+        self.tail.set(p);
+    }
+
+    /// Moves all of `other` in front of this list.
+    pub(crate) fn prepend(&self, other: &WakeList) {
+        let (oh, ot) = (
+            other.head.replace(ptr::null()),
+            other.tail.replace(ptr::null()),
+        );
+        if oh.is_null() {
+            return;
+        }
+        // SAFETY: `ot` is an entry of `other`, alive by its weak count.
+        unsafe { (*ot).wake_next.set(self.head.get()) };
+        if self.tail.get().is_null() {
+            self.tail.set(ot);
+        }
+        self.head.set(oh);
+    }
+
+    pub(crate) fn pop_front(&self) -> Option<WeakRef> {
+        let p = self.head.get();
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: entries are kept alive by their weak counts.
+        let next = unsafe { (*p).wake_next.replace(ptr::null()) };
+        self.head.set(next);
+        if next.is_null() {
+            self.tail.set(ptr::null());
+        }
+        // SAFETY: as above; the list owned this entry's weak count.
+        let r = unsafe { WeakRef::from_raw(p) };
+        r.header().queued.set(false);
+        Some(r)
+    }
+}
+
+impl Drop for WakeList {
+    fn drop(&mut self) {
+        while self.pop_front().is_some() {}
+    }
 }
 
 impl Drop for WeakRef {
+    #[inline]
     fn drop(&mut self) {
         let h = self.header();
         h.weak.set(h.weak.get() - 1);
@@ -192,10 +294,15 @@ pub(crate) struct Header {
     pub(crate) bounds: Cell<StackBounds>,
     /// Coroutines woken by this one, entered when it suspends or finishes
     /// (QEMU's `co_queue_wakeup`).
-    pub(crate) wakeup: UnsafeCell<VecDeque<WeakRef>>,
-    /// Set while this header sits in some coroutine's wake-up list, so a
-    /// second wake does not queue it twice.
+    pub(crate) wakeup: WakeList,
+    /// Link in the wake-up list this header sits in.
+    pub(crate) wake_next: Cell<*const Header>,
+    /// Set while this header sits in some wake-up list, so a second wake
+    /// does not queue it twice.
     pub(crate) queued: Cell<bool>,
+    /// The panic the coroutine's body ended with, until the enter loop
+    /// takes it.
+    pub(crate) panic: Cell<Option<Box<dyn std::any::Any + Send>>>,
     /// The unwind in progress was started by coroloop (last handle dropped).
     pub(crate) cancelling: Cell<bool>,
     pub(crate) payload: Cell<Payload>,
@@ -216,8 +323,8 @@ pub(crate) struct Header {
 
 static EMPTY_VTABLE: PayloadVTable = PayloadVTable {
     run: run_nothing,
-    drop_closure: drop_nothing,
-    drop_result: drop_nothing,
+    drop_closure: None,
+    drop_result: None,
     result_type: TypeId::of::<()>,
 };
 
@@ -225,9 +332,6 @@ static EMPTY_VTABLE: PayloadVTable = PayloadVTable {
 /// Never called: the empty table is only installed while the payload is
 /// `Empty`.
 unsafe fn run_nothing(_: &Header) {}
-/// # Safety
-/// No preconditions.
-unsafe fn drop_nothing(_: *mut Inline) {}
 
 impl Header {
     pub(crate) fn new_boxed() -> NonNull<Header> {
@@ -238,8 +342,10 @@ impl Header {
             caller: Cell::new(ptr::null()),
             worker: Cell::new(None),
             bounds: Cell::new(StackBounds::default()),
-            wakeup: UnsafeCell::new(VecDeque::new()),
+            wakeup: WakeList::new(),
+            wake_next: Cell::new(ptr::null()),
             queued: Cell::new(false),
+            panic: Cell::new(None),
             cancelling: Cell::new(false),
             payload: Cell::new(Payload::Empty),
             slot: UnsafeCell::new(Inline([MaybeUninit::uninit(); 64])),
@@ -254,6 +360,7 @@ impl Header {
     }
 
     /// Prepares a pooled (or new) header for a coroutine running `f`.
+    #[inline]
     pub(crate) fn init<F, T>(&self, f: F)
     where
         F: FnOnce() -> T + 'static,
@@ -268,7 +375,16 @@ impl Header {
         self.state.set(State::Fresh);
         self.strong.set(1);
         self.cancelling.set(false);
-        self.generation.fetch_add(1, Ordering::Release);
+        self.bump_generation();
+    }
+
+    /// Marks every remote reference made so far as stale. Only the home
+    /// thread writes the generation, so a plain store suffices (no locked
+    /// read-modify-write on the hot path).
+    #[inline]
+    pub(crate) fn bump_generation(&self) {
+        let g = self.generation.load(Ordering::Relaxed);
+        self.generation.store(g.wrapping_add(1), Ordering::Release);
     }
 
     pub(crate) fn name(&self) -> Option<&str> {
@@ -277,14 +393,18 @@ impl Header {
     }
 
     /// Drops whatever the payload holds (closure or result).
+    #[inline]
     pub(crate) fn clear_payload(&self) {
         let vt = self.vtable.get();
-        match self.payload.replace(Payload::Empty) {
-            Payload::Empty => {}
-            // SAFETY: the payload state says what the slot holds.
-            Payload::Closure => unsafe { (vt.drop_closure)(self.slot.get()) },
-            // SAFETY: as above.
-            Payload::Result => unsafe { (vt.drop_result)(self.slot.get()) },
+        let drop_fn = match self.payload.replace(Payload::Empty) {
+            Payload::Empty => None,
+            Payload::Closure => vt.drop_closure,
+            Payload::Result => vt.drop_result,
+        };
+        if let Some(f) = drop_fn {
+            // SAFETY: the payload state said the slot holds the value this
+            // drop function was made for.
+            unsafe { f(self.slot.get()) }
         }
     }
 
@@ -302,23 +422,7 @@ impl Header {
 
     /// Pushes `co` on this coroutine's wake-up list unless already queued.
     pub(crate) fn push_wakeup(&self, co: &Header) {
-        if co.queued.replace(true) {
-            return;
-        }
-        // SAFETY: home-thread field; no reference into the deque is live
-        // (the enter loop swaps the whole deque out before iterating).
-        unsafe { (*self.wakeup.get()).push_back(WeakRef::new(co)) };
-    }
-
-    /// Moves the wake-up list out.
-    pub(crate) fn take_wakeups(&self) -> VecDeque<WeakRef> {
-        // SAFETY: home-thread field, no other reference is live.
-        unsafe { mem::take(&mut *self.wakeup.get()) }
-    }
-
-    pub(crate) fn has_wakeups(&self) -> bool {
-        // SAFETY: home-thread field, no mutable reference is live.
-        unsafe { !(*self.wakeup.get()).is_empty() }
+        self.wakeup.push_back(co);
     }
 
     /// Returns the header to the pool (or frees it) once nothing refers to
@@ -328,12 +432,27 @@ impl Header {
     ///
     /// `h` must point to a live header and the caller must not use it after
     /// this call unless it holds a count.
+    #[inline]
     pub(crate) unsafe fn maybe_recycle(h: NonNull<Header>) {
         // SAFETY: the caller guarantees h is live.
         let r = unsafe { h.as_ref() };
         if r.strong.get() != 0 || r.weak.get() != 0 || r.state.get() == State::Running {
             return;
         }
+        // SAFETY: forwarded from the caller; the checks above hold.
+        unsafe { Header::recycle_unreferenced(h) }
+    }
+
+    /// Recycles a header nothing on its home thread refers to.
+    ///
+    /// # Safety
+    ///
+    /// `h` must be live, with `strong == weak == 0`, not running, and not
+    /// used by the caller afterwards.
+    #[inline]
+    pub(crate) unsafe fn recycle_unreferenced(h: NonNull<Header>) {
+        // SAFETY: the caller guarantees h is live.
+        let r = unsafe { h.as_ref() };
         // Nothing on this thread refers to it any more: drop what is
         // thread-bound before anything can see it from another thread.
         r.clear_payload();
@@ -353,17 +472,25 @@ impl Header {
         // Otherwise the last remote drop frees it (`release_remote`).
     }
 
+    #[inline]
     fn reset_home_fields(&self) {
         debug_assert!(self.worker.get().is_none());
-        self.vtable.set(&EMPTY_VTABLE);
+        // `vtable` is left as is: it is only used while the payload is not
+        // Empty, and `init` sets both.
         // SAFETY: home-thread fields, no references into them are live.
         unsafe {
-            (*self.name.get()) = None;
-            (*self.overflow_msg.get()) = None;
-            (*self.resumer.get()) = None;
-            // Entries were dropped as they ran; a finished coroutine may
-            // still hold some if it finished during an unwind.
-            (*self.wakeup.get()).clear();
+            if (*self.name.get()).is_some() {
+                (*self.name.get()) = None;
+                (*self.overflow_msg.get()) = None;
+            }
+            if (*self.resumer.get()).is_some() {
+                (*self.resumer.get()) = None;
+            }
+        }
+        // The enter loop drains a coroutine's list after every switch, and
+        // takes its panic, so these are empty; clear defensively all the same.
+        if !self.wakeup.is_empty() {
+            while self.wakeup.pop_front().is_some() {}
         }
         self.queued.set(false);
         self.cancelling.set(false);

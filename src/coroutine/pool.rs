@@ -16,8 +16,7 @@
 //!
 //! Headers are pooled per thread as well (`recycle_header`).
 
-use std::any::Any;
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::NonNull;
@@ -29,23 +28,41 @@ use corosensei::{CoroutineResult, Yielder};
 use super::header::Header;
 use super::stack::{CoStack, StackBounds, DEFAULT_STACK_SIZE};
 
-/// What the enter loop asks of a worker.
-pub(crate) enum Cmd {
-    /// Run this header's closure (the worker is idle).
-    Run(NonNull<Header>),
+/// What the enter loop asks of a worker, one word so that corosensei passes
+/// it in a register: [`Cmd::RESUME`], [`Cmd::CANCEL`], [`Cmd::EXIT`], or the
+/// address of a header whose closure an idle worker must run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Cmd(usize);
+
+impl Cmd {
     /// Return from `suspend()`.
-    Resume,
+    pub(crate) const RESUME: Cmd = Cmd(0);
     /// Return from `suspend()` by unwinding (last handle dropped).
-    Cancel,
+    pub(crate) const CANCEL: Cmd = Cmd(1);
     /// Leave the loop (the worker is idle and being retired).
-    Exit,
+    pub(crate) const EXIT: Cmd = Cmd(2);
+
+    /// Run this header's closure (the worker is idle).
+    pub(crate) fn run(h: &Header) -> Cmd {
+        Cmd(h as *const Header as usize)
+    }
+
+    fn header(self) -> Option<NonNull<Header>> {
+        if self.0 > Cmd::EXIT.0 {
+            NonNull::new(self.0 as *mut Header)
+        } else {
+            None
+        }
+    }
 }
 
-/// How a worker handed control back.
+/// How a worker handed control back. A panic's payload is left in the
+/// header's `panic` slot, so this stays one byte.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Event {
     Suspended,
     Finished,
-    Panicked(Box<dyn Any + Send>),
+    Panicked,
     Cancelled,
 }
 
@@ -63,23 +80,25 @@ pub(crate) struct Worker {
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("bounds", &self.bounds).finish()
+        f.debug_struct("Worker")
+            .field("bounds", &self.bounds)
+            .finish()
     }
 }
 
 fn worker_main(y: &Yielder<Cmd, Event>, mut cmd: Cmd) {
     loop {
-        let h = match cmd {
-            Cmd::Run(h) => h,
-            Cmd::Exit => return,
-            Cmd::Resume | Cmd::Cancel => {
-                // The enter loop only resumes idle workers with Run or Exit.
+        let h = match cmd.header() {
+            Some(h) => h,
+            None if cmd == Cmd::EXIT => return,
+            None => {
+                // The enter loop only resumes idle workers with a job or EXIT.
                 log::error!("coroloop: idle worker resumed without a job");
                 std::process::abort();
             }
         };
-        // SAFETY: the enter loop holds a weak count on the header while the
-        // worker runs it.
+        // SAFETY: the enter loop keeps the header alive while the worker
+        // runs it.
         let hr = unsafe { h.as_ref() };
         if let Some(w) = hr.worker.get() {
             // SAFETY: the header's worker is this worker, which is alive.
@@ -90,10 +109,20 @@ fn worker_main(y: &Yielder<Cmd, Event>, mut cmd: Cmd) {
         let ev = match catch_unwind(AssertUnwindSafe(|| unsafe { run(hr) })) {
             Ok(()) => Event::Finished,
             Err(p) if hr.cancelling.get() && p.is::<Cancelled>() => Event::Cancelled,
-            Err(p) => Event::Panicked(p),
+            Err(p) => {
+                hr.panic.set(Some(p));
+                Event::Panicked
+            }
         };
         cmd = y.suspend(ev);
     }
+}
+
+#[cold]
+#[inline(never)]
+fn worker_returned() -> ! {
+    log::error!("coroloop: worker loop returned while running a job");
+    std::process::abort();
 }
 
 impl Worker {
@@ -116,16 +145,14 @@ impl Worker {
     ///
     /// `w` must be a live worker of this thread that is not on the current
     /// call chain, and `cmd` must fit its state (see [`Cmd`]).
+    #[inline(always)]
     pub(crate) unsafe fn resume(w: NonNull<Worker>, cmd: Cmd) -> Event {
         // SAFETY: only the `co` field is borrowed mutably; code running on
         // the worker reaches the other fields through shared references.
         let co = unsafe { &mut (*w.as_ptr()).co };
         match co.resume(cmd) {
             CoroutineResult::Yield(ev) => ev,
-            CoroutineResult::Return(()) => {
-                log::error!("coroloop: worker loop returned while running a job");
-                std::process::abort();
-            }
+            CoroutineResult::Return(()) => worker_returned(),
         }
     }
 
@@ -138,7 +165,7 @@ impl Worker {
         // SAFETY: the caller hands over ownership of the Box.
         let mut b = unsafe { Box::from_raw(w.as_ptr()) };
         if b.co.started() {
-            match b.co.resume(Cmd::Exit) {
+            match b.co.resume(Cmd::EXIT) {
                 CoroutineResult::Return(()) => {}
                 CoroutineResult::Yield(_) => {
                     log::error!("coroloop: retired worker did not exit");
@@ -175,9 +202,49 @@ impl Drop for LocalPool {
 }
 
 thread_local! {
-    static LOCAL: RefCell<LocalPool> = const {
-        RefCell::new(LocalPool { workers: Vec::new(), headers: Vec::new() })
-    };
+    /// This thread's pool, allocated on first use. A const-initialised
+    /// pointer without a destructor: reading it is a plain TLS load.
+    static LOCAL: Cell<*mut LocalPool> = const { Cell::new(std::ptr::null_mut()) };
+    /// Frees the pool when the thread exits.
+    static LOCAL_OWNER: LocalOwner = const { LocalOwner };
+}
+
+struct LocalOwner;
+
+impl Drop for LocalOwner {
+    fn drop(&mut self) {
+        let p = LOCAL.with(|l| l.replace(std::ptr::null_mut()));
+        if !p.is_null() {
+            // SAFETY: `p` came from Box::into_raw in `with_local`, and was
+            // unpublished above so nothing else can reach it.
+            drop(unsafe { Box::from_raw(p) });
+        }
+    }
+}
+
+/// Runs `f` on this thread's pool; `None` while the thread is exiting.
+/// `f` must not call back into the pool.
+#[inline]
+fn with_local<R>(f: impl FnOnce(&mut LocalPool) -> R) -> Option<R> {
+    let mut p = LOCAL.try_with(Cell::get).ok()?;
+    if p.is_null() {
+        p = init_local()?;
+    }
+    // SAFETY: the pool belongs to this thread and `f` does not re-enter, so
+    // this is the only reference to it.
+    Some(f(unsafe { &mut *p }))
+}
+
+#[cold]
+fn init_local() -> Option<*mut LocalPool> {
+    // Register the destructor first; fails once the thread is exiting.
+    LOCAL_OWNER.try_with(|_| ()).ok()?;
+    let p = Box::into_raw(Box::new(LocalPool {
+        workers: Vec::new(),
+        headers: Vec::new(),
+    }));
+    LOCAL.with(|l| l.set(p));
+    Some(p)
 }
 
 /// QEMU's initial pool size and batch size.
@@ -201,6 +268,7 @@ static RELEASE: Mutex<Vec<CoStack>> = Mutex::new(Vec::new());
 /// coroutine::decrease_pool_batch_size(16);
 /// assert_eq!(coroutine::pool_batch_size(), before);
 /// ```
+#[inline]
 pub fn pool_batch_size() -> usize {
     POOL_BATCH.load(Relaxed)
 }
@@ -232,13 +300,38 @@ pub fn decrease_pool_batch_size(n: usize) {
     }
 }
 
-/// A worker for a new coroutine with a stack of `size` bytes.
-pub(crate) fn take_worker(size: usize) -> io::Result<NonNull<Worker>> {
+/// A worker and a header for a new coroutine with a stack of `size` bytes.
+#[inline]
+pub(crate) fn take_pair(size: usize) -> io::Result<(NonNull<Worker>, NonNull<Header>)> {
     if size == DEFAULT_STACK_SIZE {
-        let w = LOCAL
-            .try_with(|p| p.borrow_mut().workers.pop())
-            .ok()
-            .flatten();
+        // Fast path: both from this thread's pool in one visit.
+        let pair = with_local(|p| match (p.workers.pop(), p.headers.pop()) {
+            (Some(w), Some(h)) => Some((w, h)),
+            (w, h) => {
+                p.workers.extend(w);
+                p.headers.extend(h);
+                None
+            }
+        });
+        if let Some(Some(pair)) = pair {
+            return Ok(pair);
+        }
+    }
+    take_pair_slow(size)
+}
+
+#[cold]
+fn take_pair_slow(size: usize) -> io::Result<(NonNull<Worker>, NonNull<Header>)> {
+    let w = take_worker(size)?;
+    let h = with_local(|p| p.headers.pop())
+        .flatten()
+        .unwrap_or_else(Header::new_boxed);
+    Ok((w, h))
+}
+
+fn take_worker(size: usize) -> io::Result<NonNull<Worker>> {
+    if size == DEFAULT_STACK_SIZE {
+        let w = with_local(|p| p.workers.pop()).flatten();
         if let Some(w) = w {
             return Ok(w);
         }
@@ -264,9 +357,7 @@ pub(crate) fn take_worker(size: usize) -> io::Result<NonNull<Worker>> {
 /// Unmaps every idle stack this thread and the release pool hold; returns
 /// how many were freed.
 fn trim_pools() -> usize {
-    let workers = LOCAL
-        .try_with(|p| std::mem::take(&mut p.borrow_mut().workers))
-        .unwrap_or_default();
+    let workers = with_local(|p| std::mem::take(&mut p.workers)).unwrap_or_default();
     let mut n = workers.len();
     for w in workers {
         // SAFETY: pooled workers are idle and owned by the pool.
@@ -283,26 +374,32 @@ fn trim_pools() -> usize {
 /// # Safety
 ///
 /// `w` must be an idle worker of this thread that nothing else refers to.
+#[inline]
 pub(crate) unsafe fn release_worker(w: NonNull<Worker>) {
     // SAFETY: the caller guarantees w is live.
-    let size = unsafe { w.as_ref() }.size;
-    if size == DEFAULT_STACK_SIZE {
+    if unsafe { w.as_ref() }.size == DEFAULT_STACK_SIZE {
         let batch = pool_batch_size();
-        let kept = LOCAL
-            .try_with(|p| {
-                let mut p = p.borrow_mut();
-                if p.workers.len() < batch {
-                    p.workers.push(w);
-                    true
-                } else {
-                    false
-                }
-            })
-            .unwrap_or(false);
-        if kept {
+        let kept = with_local(|p| {
+            if p.workers.len() < batch {
+                p.workers.push(w);
+                true
+            } else {
+                false
+            }
+        });
+        if kept == Some(true) {
             return;
         }
     }
+    // SAFETY: forwarded from the caller.
+    unsafe { retire_worker(w) };
+}
+
+/// # Safety
+///
+/// As [`release_worker`].
+#[cold]
+unsafe fn retire_worker(w: NonNull<Worker>) {
     // SAFETY: forwarded from the caller.
     let stack = unsafe { Worker::retire(w) };
     release_stack(stack);
@@ -319,30 +416,19 @@ fn release_stack(stack: CoStack) {
     }
 }
 
-/// A header for a new coroutine.
-pub(crate) fn take_header() -> NonNull<Header> {
-    LOCAL
-        .try_with(|p| p.borrow_mut().headers.pop())
-        .ok()
-        .flatten()
-        .unwrap_or_else(Header::new_boxed)
-}
-
 /// Takes back a header nothing refers to.
+#[inline]
 pub(crate) fn recycle_header(h: NonNull<Header>) {
     let batch = pool_batch_size();
-    let kept = LOCAL
-        .try_with(|p| {
-            let mut p = p.borrow_mut();
-            if p.headers.len() < batch * 4 {
-                p.headers.push(h);
-                true
-            } else {
-                false
-            }
-        })
-        .unwrap_or(false);
-    if !kept {
+    let kept = with_local(|p| {
+        if p.headers.len() < batch * 4 {
+            p.headers.push(h);
+            true
+        } else {
+            false
+        }
+    });
+    if kept != Some(true) {
         // SAFETY: nothing refers to the header any more.
         drop(unsafe { Box::from_raw(h.as_ptr()) });
     }
@@ -360,7 +446,7 @@ pub(crate) fn recycle_header(h: NonNull<Header>) {
 /// assert!(local >= 1, "the finished coroutine's worker is pooled");
 /// ```
 pub fn pool_stats() -> (usize, usize) {
-    let local = LOCAL.try_with(|p| p.borrow().workers.len()).unwrap_or(0);
+    let local = with_local(|p| p.workers.len()).unwrap_or(0);
     let global = RELEASE.lock().unwrap_or_else(|e| e.into_inner()).len();
     (local, global)
 }

@@ -84,7 +84,10 @@ pub fn max_live_stacks() -> usize {
 ///
 /// Panics if `limit` is 0.
 pub fn set_max_live_stacks(limit: usize) {
-    assert!(limit > 0, "coroutine::set_max_live_stacks: limit must be > 0");
+    assert!(
+        limit > 0,
+        "coroutine::set_max_live_stacks: limit must be > 0"
+    );
     STACK_LIMIT.store(limit, Relaxed);
 }
 
@@ -197,5 +200,6 @@ unsafe impl Stack for CoStack {
 pub(crate) fn round_stack_size(size: usize) -> usize {
     let page = page_size();
     let size = size.max(MIN_STACK_SIZE);
-    size.checked_add(page - 1).map_or(usize::MAX & !(page - 1), |s| s & !(page - 1))
+    size.checked_add(page - 1)
+        .map_or(usize::MAX & !(page - 1), |s| s & !(page - 1))
 }
