@@ -7,6 +7,8 @@
 //!   92 ns for QEMU's C pool on this machine).
 //! * `nesting_1000`: a chain of 1000 nested coroutines (QEMU's perf-nesting).
 
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+
 use std::cell::Cell;
 use std::hint::black_box;
 use std::rc::Rc;

@@ -28,6 +28,7 @@ fn skip_under_asan() -> bool {
 }
 
 #[inline(never)]
+#[allow(unconditional_recursion)] // overflowing the stack is the point
 fn recurse(depth: u64) -> u64 {
     let frame = [depth; 64];
     std::hint::black_box(&frame);

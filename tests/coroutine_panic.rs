@@ -203,3 +203,23 @@ fn catching_the_unwind_and_suspending_again_is_refused() {
         "every later suspend re-raised the unwind"
     );
 }
+
+#[test]
+fn dropping_a_suspended_coroutine_while_the_thread_panics_unwinds_it() {
+    let drops = Rc::new(Cell::new(0));
+    let d = DropCount(drops.clone());
+    let co = Coroutine::new(move || {
+        let _d = d;
+        coroutine::suspend();
+    });
+    co.enter();
+    let r = catch_unwind(AssertUnwindSafe(move || {
+        let _owned = co;
+        panic!("outer panic");
+    }));
+    assert_eq!(panic_message(r.unwrap_err()), "outer panic");
+    assert_eq!(drops.get(), 1, "the coroutine was unwound during the panic");
+    let ok = Coroutine::new(|| 3);
+    ok.enter();
+    assert_eq!(ok.take_result(), Some(3));
+}

@@ -106,6 +106,9 @@ pub(crate) use header::Resumer;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Erased {}
 
+/// `!Send + !Sync` (the raw pointer), covariant in the result type.
+type HandleMarker<T> = (*const (), fn() -> T);
+
 /// A handle to a stackful coroutine whose body returns a `T`.
 ///
 /// Handles are reference counted ([`Clone`]) and own the coroutine: see
@@ -138,7 +141,7 @@ pub enum Erased {}
 /// ```
 pub struct Coroutine<T = ()> {
     h: NonNull<Header>,
-    _marker: PhantomData<(*const (), fn() -> T)>,
+    _marker: PhantomData<HandleMarker<T>>,
 }
 
 impl<T: 'static> Coroutine<T> {

@@ -285,8 +285,9 @@ pub fn increase_pool_batch_size(n: usize) {
     POOL_BATCH.fetch_add(n, Relaxed);
 }
 
-/// Undoes [`increase_pool_batch_size`]. Idle coroutines beyond the new size
-/// are released as they come back to a pool.
+/// Undoes [`increase_pool_batch_size`]. The calling thread's pool and the
+/// shared release pool shrink at once; other threads' pools shrink as their
+/// coroutines finish.
 ///
 /// # Panics
 ///
@@ -295,9 +296,31 @@ pub fn increase_pool_batch_size(n: usize) {
 #[doc(alias = "qemu_coroutine_dec_pool_size")]
 pub fn decrease_pool_batch_size(n: usize) {
     let r = POOL_BATCH.fetch_update(Relaxed, Relaxed, |cur| cur.checked_sub(n));
-    if let Err(cur) = r {
-        panic!("coroutine::decrease_pool_batch_size({n}): the batch size is only {cur}");
+    match r {
+        Err(cur) => {
+            panic!("coroutine::decrease_pool_batch_size({n}): the batch size is only {cur}")
+        }
+        Ok(old) => trim_to(old - n),
     }
+}
+
+/// Shrinks this thread's pool and the release pool to `batch` (and twice
+/// that) idle stacks; other threads shrink theirs as coroutines finish.
+fn trim_to(batch: usize) {
+    let extra = with_local(|p| {
+        let keep = p.workers.len().min(batch);
+        p.workers.split_off(keep)
+    })
+    .unwrap_or_default();
+    for w in extra {
+        // SAFETY: pooled workers are idle and owned by the pool.
+        drop(unsafe { Worker::retire(w) });
+    }
+    let mut pool = RELEASE.lock().unwrap_or_else(|e| e.into_inner());
+    let keep = pool.len().min(batch * 2);
+    let extra = pool.split_off(keep);
+    drop(pool);
+    drop(extra);
 }
 
 /// A worker and a header for a new coroutine with a stack of `size` bytes.
