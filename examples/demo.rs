@@ -89,7 +89,10 @@ fn pipeline(lines: u64) -> (u64, u64) {
     reader.enter();
     writer.enter();
     // Everything was driven by wake-ups: both are done.
-    assert!(reader.is_finished() && writer.is_finished(), "pipeline stalled");
+    assert!(
+        reader.is_finished() && writer.is_finished(),
+        "pipeline stalled"
+    );
     (reader.take_result().expect("sum"), suspensions.get())
 }
 
