@@ -290,6 +290,9 @@ pub(crate) struct Header {
     pub(crate) caller: Cell<*const Header>,
     /// The worker running this coroutine; `None` once finished.
     pub(crate) worker: Cell<Option<NonNull<Worker>>>,
+    /// The worker loop's yielder (on the worker's stack), set when the job
+    /// starts; meaningful while the coroutine is unfinished.
+    pub(crate) yielder: Cell<*const corosensei::Yielder<super::pool::Cmd, super::pool::Event>>,
     /// Guard page of the worker's stack, for the overflow reporter.
     pub(crate) bounds: Cell<StackBounds>,
     /// Coroutines woken by this one, entered when it suspends or finishes
@@ -341,6 +344,7 @@ impl Header {
             state: Cell::new(State::Finished),
             caller: Cell::new(ptr::null()),
             worker: Cell::new(None),
+            yielder: Cell::new(ptr::null()),
             bounds: Cell::new(StackBounds::default()),
             wakeup: WakeList::new(),
             wake_next: Cell::new(ptr::null()),

@@ -399,6 +399,7 @@ impl<T> fmt::Debug for Coroutine<T> {
 /// the coroutine is being unwound (which aborts).
 #[doc(alias = "qemu_coroutine_yield")]
 #[inline]
+#[track_caller]
 pub fn suspend() {
     let p = current::current_ptr();
     if p.is_null() {
@@ -409,13 +410,9 @@ pub fn suspend() {
     if h.cancelling.get() {
         raise_cancel();
     }
-    let Some(w) = h.worker.get() else {
-        unreachable!("coroloop: running coroutine without a worker")
-    };
-    // SAFETY: the worker of the running coroutine is alive, and its yielder
-    // (set when the job started) lives on the worker's own stack, which is
-    // the stack we are running on.
-    let y = unsafe { &*w.as_ref().yielder.get() };
+    // SAFETY: the running coroutine's yielder was set when its job started
+    // and lives on its worker's stack, which is the stack we are running on.
+    let y = unsafe { &*h.yielder.get() };
     // The switch is inlined into the caller on purpose: a call frame
     // between the caller and the switch costs a mispredicted return on
     // every resume (about 15 ns here).

@@ -24,6 +24,7 @@ use corosensei::stack::{DefaultStack, Stack, StackPointer};
 ///
 /// Only the pages a coroutine touches become resident, so a lightly used
 /// stack costs a few KiB of memory whatever its size.
+#[doc(alias = "COROUTINE_STACK_SIZE")]
 pub const DEFAULT_STACK_SIZE: usize = 1024 * 1024;
 
 /// Smallest stack size the builder accepts (one page is corosensei's floor;
@@ -67,6 +68,8 @@ fn default_limit() -> usize {
 /// let limit = coroloop::coroutine::max_live_stacks();
 /// assert!(limit > 0);
 /// ```
+#[doc(alias = "get_global_pool_hard_max_size")]
+#[doc(alias = "max_map_count")]
 pub fn max_live_stacks() -> usize {
     match STACK_LIMIT.load(Relaxed) {
         0 => default_limit(),
