@@ -117,5 +117,6 @@
 #![doc(test(attr(deny(warnings))))]
 
 pub mod coroutine;
+mod loom;
 
 pub use coroutine::Coroutine;

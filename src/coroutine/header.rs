@@ -31,15 +31,17 @@
 //! * `remote`: references from other threads (wakers, remote handles).
 //!
 //! The header goes back to the pool when all three are 0 (see
-//! [`release_remote`] for the hand-off when the last remote reference drops
-//! after the home thread let go).
+//! `remote.rs` for the hand-off when the last remote reference drops after
+//! the home thread let go).
 
 use std::any::TypeId;
 use std::cell::{Cell, UnsafeCell};
 use std::marker::PhantomData;
 use std::mem::{self, MaybeUninit};
 use std::ptr::{self, NonNull};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::remote::RemoteCount;
 
 use super::pool::Worker;
 use super::stack::StackBounds;
@@ -276,18 +278,10 @@ impl Drop for WeakRef {
     }
 }
 
-/// Set in `remote` once the home thread has let go (strong == weak == 0)
-/// while remote references were alive: the last remote drop frees the
-/// header.
-pub(crate) const HOME_GONE: usize = 1 << (usize::BITS - 1);
-
 pub(crate) struct Header {
     pub(crate) strong: Cell<usize>,
     pub(crate) weak: Cell<usize>,
     pub(crate) state: Cell<State>,
-    /// The coroutine that entered this one (null: a plain thread); only
-    /// meaningful while `Running`.
-    pub(crate) caller: Cell<*const Header>,
     /// The worker running this coroutine; `None` once finished.
     pub(crate) worker: Cell<Option<NonNull<Worker>>>,
     /// The worker loop's yielder (on the worker's stack), set when the job
@@ -320,8 +314,8 @@ pub(crate) struct Header {
     /// Bumped whenever the coroutine finishes and whenever the header is
     /// reused; a remote reference carrying an older value is stale.
     pub(crate) generation: AtomicU64,
-    /// Remote references plus the `HOME_GONE` bit.
-    pub(crate) remote: AtomicUsize,
+    /// Remote references, and which side frees the header (`remote.rs`).
+    pub(crate) remote: RemoteCount,
 }
 
 static EMPTY_VTABLE: PayloadVTable = PayloadVTable {
@@ -342,7 +336,6 @@ impl Header {
             strong: Cell::new(0),
             weak: Cell::new(0),
             state: Cell::new(State::Finished),
-            caller: Cell::new(ptr::null()),
             worker: Cell::new(None),
             yielder: Cell::new(ptr::null()),
             bounds: Cell::new(StackBounds::default()),
@@ -358,7 +351,7 @@ impl Header {
             overflow_msg: UnsafeCell::new(None),
             resumer: UnsafeCell::new(None),
             generation: AtomicU64::new(0),
-            remote: AtomicUsize::new(0),
+            remote: RemoteCount::new(),
         });
         NonNull::from(Box::leak(h))
     }
@@ -461,16 +454,7 @@ impl Header {
         // thread-bound before anything can see it from another thread.
         r.clear_payload();
         r.reset_home_fields();
-        if r.remote.load(Ordering::Acquire) == 0 {
-            // No remote reference exists, and new ones are only made on the
-            // home thread from a strong reference: recycle here.
-            super::pool::recycle_header(h);
-            return;
-        }
-        let prev = r.remote.fetch_or(HOME_GONE, Ordering::AcqRel);
-        if prev == 0 {
-            // The last remote reference went away in between.
-            r.remote.store(0, Ordering::Relaxed);
+        if r.remote.home_release() {
             super::pool::recycle_header(h);
         }
         // Otherwise the last remote drop frees it (`release_remote`).
@@ -504,10 +488,7 @@ impl Header {
 /// Takes one remote reference (any thread that already holds one, or the
 /// home thread holding a strong reference).
 pub(crate) fn acquire_remote(h: &Header) {
-    let prev = h.remote.fetch_add(1, Ordering::Relaxed);
-    if prev & !HOME_GONE > isize::MAX as usize / 2 {
-        std::process::abort();
-    }
+    h.remote.acquire();
 }
 
 /// Drops one remote reference; frees the header if it was the last
@@ -518,11 +499,10 @@ pub(crate) fn acquire_remote(h: &Header) {
 /// The caller must own one remote reference to `h` and not use it again.
 pub(crate) unsafe fn release_remote(h: NonNull<Header>) {
     // SAFETY: our remote reference keeps the header allocated.
-    let prev = unsafe { h.as_ref() }.remote.fetch_sub(1, Ordering::AcqRel);
-    if prev == HOME_GONE | 1 {
+    if unsafe { h.as_ref() }.remote.release() {
         // The home thread let go and cleared every thread-bound field
-        // (`maybe_recycle`); only plain data and atomics remain, which may
-        // be freed from any thread.
+        // (`recycle_unreferenced`); only plain data and atomics remain,
+        // which may be freed from any thread.
         // SAFETY: nothing else refers to the header.
         drop(unsafe { Box::from_raw(h.as_ptr()) });
     }

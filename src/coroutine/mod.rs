@@ -77,6 +77,7 @@ mod current;
 mod header;
 mod overflow;
 mod pool;
+mod remote;
 mod stack;
 
 use std::any::Any;
@@ -85,7 +86,7 @@ use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::panic::resume_unwind;
-use std::ptr::{self, NonNull};
+use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
 pub use builder::Builder;
@@ -648,14 +649,12 @@ fn switch(h: &Header, from: *const Header, cmd: Cmd) -> Event {
         Some(w) => w,
         None => unreachable!("coroloop: entering a coroutine without a worker"),
     };
-    h.caller.set(from);
     h.state.set(State::Running);
     current::set_current(h);
     // SAFETY: `w` is this coroutine's worker, alive while unfinished, and
     // not on the call chain (the coroutine was Fresh or Suspended).
     let ev = unsafe { Worker::resume(w, cmd) };
     current::set_current(from);
-    h.caller.set(ptr::null());
     if ev == Event::Suspended {
         h.state.set(State::Suspended);
     } else {
