@@ -121,6 +121,15 @@ type HandleMarker<T> = (*const (), fn() -> T);
 /// std::thread::spawn(move || co.enter());
 /// ```
 ///
+/// nor shared with one (`!Sync`):
+///
+/// ```compile_fail
+/// let co = coroloop::Coroutine::new(|| ());
+/// std::thread::scope(|s| {
+///     s.spawn(|| co.is_finished());
+/// });
+/// ```
+///
 /// # Examples
 ///
 /// ```
