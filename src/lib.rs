@@ -116,6 +116,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![doc(test(attr(deny(warnings))))]
 
+pub mod aio;
 pub mod coroutine;
 mod loom;
 

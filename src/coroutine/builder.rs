@@ -103,6 +103,9 @@ where
     let cur = current::current_ptr();
     if !cur.is_null() {
         inherit_resumer(cur, hr);
+    } else if let Some(r) = crate::aio::thread_default_resumer() {
+        // SAFETY: home-thread field of a header nothing else sees yet.
+        unsafe { *hr.resumer.get() = Some(r) };
     }
     // SAFETY: `init` set strong to 1 for this handle.
     Ok(unsafe { Coroutine::from_header(h) })

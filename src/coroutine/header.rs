@@ -150,14 +150,30 @@ unsafe fn drop_in<X>(slot: *mut Inline) {
     drop(unsafe { take::<X>(slot) });
 }
 
-/// Hooks through which a coroutine is queued to be entered later by its
-/// driver: a `CoroutineFuture` or an `AioContext` (later issues). The slot
-/// is fixed at creation and inherited from the creating coroutine.
+/// Why a coroutine is queued on its resumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CoReqKind {
+    /// `co_schedule` / `RemoteCoroutine::schedule` / `yield_now`: the
+    /// `scheduled` flag is set until the driver dequeues it.
+    Schedule,
+    /// A wake (waker, remote wake): the `woken` flag is set until the
+    /// driver dequeues it.
+    Wake,
+}
+
+/// The driver that enters a coroutine queued from anywhere: an AioContext
+/// (or, with the future bridges, a `CoroutineFuture`). Fixed at creation
+/// and inherited by coroutines created inside.
 pub(crate) trait Resumer: Send + Sync {
-    /// Queue the coroutine (by its remote reference) on this resumer and
-    /// signal its driver. Called from any thread.
-    #[allow(dead_code)]
-    fn schedule(&self, co: super::RemoteRef);
+    /// Queue the coroutine on this driver and wake it. Any thread.
+    fn queue(&self, co: super::RemoteRef, kind: CoReqKind);
+    /// The context this resumer is, if it is one.
+    fn aio_context(&self) -> Option<crate::aio::AioContext> {
+        None
+    }
+    /// A detached coroutine (owned by this resumer) finished: release it.
+    /// Called on the home thread from the enter loop.
+    fn detached_finished(&self, _addr: usize) {}
 }
 
 /// A non-owning same-thread reference, as held by wake-up lists.
@@ -302,6 +318,12 @@ pub(crate) struct Header {
     pub(crate) panic: Cell<Option<Box<dyn std::any::Any + Send>>>,
     /// The unwind in progress was started by coroloop (last handle dropped).
     pub(crate) cancelling: Cell<bool>,
+    /// Owned by its resumer's context (`Coroutine::detach`).
+    pub(crate) detached: Cell<bool>,
+    /// Queued by a schedule and not yet dequeued (any thread).
+    pub(crate) scheduled: std::sync::atomic::AtomicBool,
+    /// Queued by a wake and not yet dequeued (any thread).
+    pub(crate) woken: std::sync::atomic::AtomicBool,
     pub(crate) payload: Cell<Payload>,
     pub(crate) slot: UnsafeCell<Inline>,
     pub(crate) vtable: Cell<&'static PayloadVTable>,
@@ -344,6 +366,9 @@ impl Header {
             queued: Cell::new(false),
             panic: Cell::new(None),
             cancelling: Cell::new(false),
+            detached: Cell::new(false),
+            scheduled: std::sync::atomic::AtomicBool::new(false),
+            woken: std::sync::atomic::AtomicBool::new(false),
             payload: Cell::new(Payload::Empty),
             slot: UnsafeCell::new(Inline([MaybeUninit::uninit(); 64])),
             vtable: Cell::new(&EMPTY_VTABLE),
@@ -482,6 +507,9 @@ impl Header {
         }
         self.queued.set(false);
         self.cancelling.set(false);
+        self.detached.set(false);
+        self.scheduled.store(false, Ordering::Relaxed);
+        self.woken.store(false, Ordering::Relaxed);
     }
 }
 

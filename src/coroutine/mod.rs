@@ -79,6 +79,7 @@ mod overflow;
 mod pool;
 mod remote;
 mod stack;
+mod wake;
 
 use std::any::Any;
 use std::fmt;
@@ -94,12 +95,12 @@ pub use pool::{decrease_pool_batch_size, increase_pool_batch_size, pool_batch_si
 pub use stack::{
     live_stacks, max_live_stacks, set_max_live_stacks, DEFAULT_STACK_SIZE, MIN_STACK_SIZE,
 };
+pub use wake::{reschedule_self, sleep, yield_now, RemoteCoroutine};
 
 use header::{Header, State, WakeList, WeakRef};
 use pool::{Cancelled, Cmd, Event, Worker};
 
-#[allow(unused_imports)] // used by the bridges of later modules
-pub(crate) use header::Resumer;
+pub(crate) use header::{CoReqKind, Resumer};
 
 /// The result type of a handle whose coroutine's result type is not known,
 /// such as the one [`Coroutine::current`] returns. It has no values: such a
@@ -336,7 +337,10 @@ impl<T> Coroutine<T> {
         unsafe { Coroutine::from_header(this.h) }
     }
 
-    #[allow(dead_code)] // used by the bridges of later modules
+    pub(crate) fn header_addr(&self) -> usize {
+        self.h.as_ptr() as usize
+    }
+
     pub(crate) fn remote_ref(&self) -> RemoteRef {
         RemoteRef::new(self.header())
     }
@@ -684,6 +688,20 @@ fn finish(h: &Header, w: NonNull<Worker>) {
         // Nobody can take the result.
         h.clear_payload();
     }
+    if h.detached.replace(false) {
+        detached_finished(h);
+    }
+}
+
+/// Tells the owning context that a detached coroutine finished, so it
+/// drops its handle.
+#[cold]
+fn detached_finished(h: &Header) {
+    // SAFETY: home-thread field; the clone ends the borrow before calling.
+    let r = unsafe { (*h.resumer.get()).clone() };
+    if let Some(r) = r {
+        r.detached_finished(h as *const Header as usize);
+    }
 }
 
 /// A reference to a coroutine usable from any thread: it keeps the header
@@ -692,7 +710,6 @@ fn finish(h: &Header, w: NonNull<Worker>) {
 ///
 /// The wakers and remote handles of the AioContext and future bridges are
 /// built on it.
-#[allow(dead_code)] // used by the bridges of later modules
 pub(crate) struct RemoteRef {
     h: NonNull<Header>,
     generation: u64,
@@ -706,14 +723,19 @@ unsafe impl Send for RemoteRef {}
 // SAFETY: as above; every method takes `&self` and only reads atomics.
 unsafe impl Sync for RemoteRef {}
 
-#[allow(dead_code)] // used by the bridges of later modules
 impl RemoteRef {
-    fn new(h: &Header) -> RemoteRef {
+    pub(crate) fn new(h: &Header) -> RemoteRef {
         header::acquire_remote(h);
         RemoteRef {
             h: NonNull::from(h),
             generation: h.generation.load(Ordering::Acquire),
         }
+    }
+
+    /// The header. Off the home thread only its atomic fields may be read.
+    pub(crate) fn header(&self) -> &Header {
+        // SAFETY: our remote count keeps the header allocated.
+        unsafe { self.h.as_ref() }
     }
 
     /// Whether the coroutine this reference was made for is still the one
@@ -813,7 +835,7 @@ mod tests {
         use std::sync::{Arc, Mutex};
         struct Recorder(Mutex<Vec<bool>>);
         impl Resumer for Recorder {
-            fn schedule(&self, co: RemoteRef) {
+            fn queue(&self, co: RemoteRef, _kind: CoReqKind) {
                 self.0.lock().unwrap().push(co.is_current());
             }
         }
@@ -822,7 +844,8 @@ mod tests {
             let inner = Coroutine::new(|| ());
             // SAFETY: home-thread field of a live header.
             let r = unsafe { (*inner.header().resumer.get()).clone() };
-            r.map(|r| r.schedule(inner.remote_ref())).is_some()
+            r.map(|r| r.queue(inner.remote_ref(), CoReqKind::Schedule))
+                .is_some()
         });
         let dynrec: Arc<dyn Resumer> = rec.clone();
         // SAFETY: home-thread field of a fresh header, set before entering.

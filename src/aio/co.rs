@@ -1,0 +1,205 @@
+//! Coroutines and contexts: the context as a coroutine's resumer.
+//!
+//! A context queues coroutines scheduled or woken from anywhere in a
+//! lock-free queue and enters them on its home thread during `poll`, after
+//! the bottom halves (QEMU's `co_schedule_bh`).
+
+use std::cell::Cell;
+use std::sync::{Arc, OnceLock, Weak};
+
+use concurrent_queue::ConcurrentQueue;
+
+use super::{AioContext, Inner, HOME_DEFAULT, RUNNING};
+use crate::coroutine::{CoReqKind, Coroutine, Erased, RemoteRef, Resumer};
+
+pub(crate) struct CoQueue {
+    queue: ConcurrentQueue<(RemoteRef, CoReqKind)>,
+    resumer: OnceLock<Arc<CtxResumer>>,
+}
+
+impl CoQueue {
+    pub(crate) fn new() -> CoQueue {
+        CoQueue {
+            queue: ConcurrentQueue::unbounded(),
+            resumer: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn set_resumer(&self, inner: &Arc<Inner>) {
+        let _ = self.resumer.set(Arc::new(CtxResumer {
+            inner: Arc::downgrade(inner),
+        }));
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+/// What coroutines hold to reach their context: weak, so that coroutines
+/// (detached ones included) never keep their context alive.
+pub(crate) struct CtxResumer {
+    inner: Weak<Inner>,
+}
+
+impl Resumer for CtxResumer {
+    fn queue(&self, co: RemoteRef, kind: CoReqKind) {
+        let Some(inner) = self.inner.upgrade() else {
+            return; // the context is gone; so is the coroutine's driver
+        };
+        let _ = inner.co.queue.push((co, kind));
+        if !inner.is_home() {
+            inner.notify();
+        }
+    }
+
+    fn aio_context(&self) -> Option<AioContext> {
+        self.inner.upgrade().map(|inner| AioContext { inner })
+    }
+
+    fn detached_finished(&self, addr: usize) {
+        if let Some(inner) = self.inner.upgrade() {
+            let ctx = AioContext { inner };
+            // Dropped after the borrow ends: the handle's drop may run code.
+            let owned = ctx.disown(addr);
+            drop(owned);
+        }
+    }
+}
+
+/// The resumer for a coroutine created outside any coroutine on this
+/// thread: the context whose `poll` runs here, else the thread's default.
+pub(crate) fn thread_default_resumer() -> Option<Arc<dyn Resumer>> {
+    let running = RUNNING.with(Cell::get);
+    if !running.is_null() {
+        // SAFETY: `poll` keeps its context alive while RUNNING points to it.
+        let inner = unsafe { &*running };
+        return inner
+            .co
+            .resumer
+            .get()
+            .map(|r| r.clone() as Arc<dyn Resumer>);
+    }
+    let inner = HOME_DEFAULT.with(|d| d.borrow().as_ref().and_then(Weak::upgrade))?;
+    inner
+        .co
+        .resumer
+        .get()
+        .map(|r| r.clone() as Arc<dyn Resumer>)
+}
+
+/// Enters the coroutines queued when the pass started; returns whether any
+/// was entered. A panicking coroutine unwinds out; the rest stay queued.
+pub(crate) fn run_queue(ctx: &AioContext) -> bool {
+    let q = &ctx.inner.co.queue;
+    let n = q.len();
+    let mut progress = false;
+    for _ in 0..n {
+        let Ok((r, kind)) = q.pop() else { break };
+        let h = r.header();
+        let flag = match kind {
+            CoReqKind::Schedule => &h.scheduled,
+            CoReqKind::Wake => &h.woken,
+        };
+        // SAFETY: we are on the home thread (poll checked it), which is
+        // the coroutine's home thread: its resumer is this context.
+        let Some(co) = (unsafe { r.upgrade() }) else {
+            continue; // finished, unwound or recycled: a stale request
+        };
+        if co.is_entered() {
+            // Running further up this thread's call chain (a nested poll):
+            // it will run again when it suspends; keep the request.
+            let _ = q.push((r, kind));
+            continue;
+        }
+        flag.store(false, std::sync::atomic::Ordering::Release);
+        progress = true;
+        co.enter();
+    }
+    progress
+}
+
+/// Drops queued requests at shutdown.
+pub(crate) fn clear_queue(ctx: &AioContext) {
+    while ctx.inner.co.queue.pop().is_ok() {}
+}
+
+impl AioContext {
+    /// The resumer coroutines of this context hold.
+    pub(crate) fn resumer(&self) -> Arc<dyn Resumer> {
+        self.inner
+            .co
+            .resumer
+            .get()
+            .expect("set at creation")
+            .clone()
+    }
+
+    /// Takes ownership of a detached coroutine (home thread).
+    pub(crate) fn adopt(&self, co: Coroutine<Erased>) {
+        self.inner.assert_home("Coroutine::detach");
+        if self.inner.is_dead() {
+            // A stopped context owns nothing: dropping unwinds it here.
+            drop(co);
+            return;
+        }
+        let addr = co.header_addr();
+        let prev = self.inner.local().detached.borrow_mut().insert(addr, co);
+        drop(prev);
+    }
+
+    /// Gives up ownership of a detached coroutine (home thread).
+    pub(crate) fn disown(&self, addr: usize) -> Option<Coroutine<Erased>> {
+        if !self.inner.is_home() || self.inner.is_dead() {
+            return None;
+        }
+        self.inner.local().detached.borrow_mut().remove(&addr)
+    }
+
+    /// Enters `co` on behalf of this context (QEMU's `aio_co_enter`): from
+    /// inside a coroutine it is queued on the current coroutine's wake-up
+    /// list, otherwise entered before this returns. Same as
+    /// [`Coroutine::wake`].
+    ///
+    /// # Panics
+    ///
+    /// Off the home thread.
+    #[doc(alias = "aio_co_enter")]
+    #[doc(alias = "qemu_aio_coroutine_enter")]
+    #[track_caller]
+    pub fn co_enter<T>(&self, co: &Coroutine<T>) {
+        self.inner.assert_home("AioContext::co_enter");
+        co.wake();
+    }
+
+    /// Queues `co` to be entered by this context's next `poll` (QEMU's
+    /// `aio_co_schedule`).
+    ///
+    /// # Panics
+    ///
+    /// Off the home thread, or if `co` is already scheduled (QEMU's
+    /// "Co-routine was already scheduled").
+    #[doc(alias = "aio_co_schedule")]
+    #[track_caller]
+    pub fn co_schedule<T>(&self, co: &Coroutine<T>) {
+        self.inner.assert_home("AioContext::co_schedule");
+        if co.is_finished() {
+            return;
+        }
+        let r = co.remote_ref();
+        if r.header()
+            .scheduled
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            panic!("AioContext::co_schedule: coroutine was already scheduled");
+        }
+        let _ = self.inner.co.queue.push((r, CoReqKind::Schedule));
+    }
+
+    /// Number of coroutines this context owns ([`Coroutine::detach`]).
+    #[track_caller]
+    pub fn detached_count(&self) -> usize {
+        self.inner.assert_home("AioContext::detached_count");
+        self.inner.local().detached.borrow().len()
+    }
+}

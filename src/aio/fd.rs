@@ -1,0 +1,492 @@
+//! Fd handlers: callbacks run when a file descriptor becomes readable or
+//! writable, with optional busy-poll hooks (QEMU's `aio_set_fd_handler`).
+
+use std::cell::RefCell;
+use std::fmt;
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::Ordering;
+
+use slab::Slab;
+
+use super::fdmon::Ready;
+use super::AioContext;
+
+/// A read or write callback.
+pub type IoHandler = Box<dyn FnMut()>;
+/// A busy-poll callback: returns `true` when there is work, so the loop
+/// runs the read handler without a system call.
+pub type IoPollHandler = Box<dyn FnMut() -> bool>;
+
+pub(crate) struct Entry {
+    fd: RawFd,
+    gen: u64,
+    is_external: bool,
+    read: Option<IoHandler>,
+    write: Option<IoHandler>,
+    io_poll: Option<IoPollHandler>,
+    poll_begin: Option<IoHandler>,
+    poll_end: Option<IoHandler>,
+    /// The registration currently in the monitor (false while external
+    /// handlers are disabled).
+    registered: bool,
+}
+
+/// The handler table of one context; home thread only.
+pub(crate) struct Handlers {
+    table: RefCell<Slab<Entry>>,
+    next_gen: std::cell::Cell<u64>,
+    /// Handlers without an `io_poll`: while any exists, a non-blocking poll
+    /// must ask the kernel.
+    pub(crate) unpollable: std::cell::Cell<usize>,
+    /// Whether external handlers are currently out of the monitor.
+    external_off: std::cell::Cell<bool>,
+}
+
+fn key_of(idx: usize, gen: u64) -> u64 {
+    ((gen & 0xffff_ffff) << 32) | idx as u64
+}
+
+fn split_key(key: u64) -> (usize, u64) {
+    ((key & 0xffff_ffff) as usize, key >> 32)
+}
+
+impl Handlers {
+    pub(crate) fn new() -> Handlers {
+        Handlers {
+            table: RefCell::new(Slab::new()),
+            next_gen: std::cell::Cell::new(1),
+            unpollable: std::cell::Cell::new(0),
+            external_off: std::cell::Cell::new(false),
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.table.borrow().is_empty()
+    }
+
+    /// Applies the context's external-disable count to the monitor.
+    pub(crate) fn sync_external(&self, ctx: &AioContext) {
+        let off = ctx.inner.external_disable.load(Ordering::Acquire) > 0;
+        if off == self.external_off.get() {
+            return;
+        }
+        self.external_off.set(off);
+        let mut table = self.table.borrow_mut();
+        for (idx, e) in table.iter_mut() {
+            if !e.is_external {
+                continue;
+            }
+            // SAFETY: the handle owns the fd and keeps it open while the
+            // entry exists.
+            let fd = unsafe { BorrowedFd::borrow_raw(e.fd) };
+            let (r, w) = if off {
+                (false, false)
+            } else {
+                (e.read.is_some(), e.write.is_some())
+            };
+            let _ = ctx.inner.monitor.modify(fd, key_of(idx, e.gen), r, w);
+            e.registered = !off;
+        }
+    }
+
+    /// Calls the busy-poll hook of every pollable handler once; returns the
+    /// keys of those with work.
+    pub(crate) fn poll_once(&self, ctx: &AioContext, out: &mut Vec<Ready>) -> bool {
+        let external_off = ctx.inner.external_disable.load(Ordering::Relaxed) > 0;
+        let keys: Vec<(usize, u64)> = self
+            .table
+            .borrow()
+            .iter()
+            .filter(|(_, e)| e.io_poll.is_some() && !(external_off && e.is_external))
+            .map(|(i, e)| (i, e.gen))
+            .collect();
+        let mut any = false;
+        for (idx, gen) in keys {
+            let Some(mut f) = self.take(idx, gen, |e| e.io_poll.take()) else {
+                continue;
+            };
+            let ready = f();
+            self.put_back(idx, gen, |e| e.io_poll = Some(f));
+            if ready {
+                any = true;
+                out.push(Ready {
+                    key: key_of(idx, gen),
+                    readable: true,
+                    writable: false,
+                    error: false,
+                });
+            }
+        }
+        any
+    }
+
+    /// Calls every poll_begin (`true`) or poll_end (`false`) hook.
+    pub(crate) fn poll_started(&self, started: bool) {
+        let keys: Vec<(usize, u64)> = self
+            .table
+            .borrow()
+            .iter()
+            .filter(|(_, e)| {
+                if started {
+                    e.poll_begin.is_some()
+                } else {
+                    e.poll_end.is_some()
+                }
+            })
+            .map(|(i, e)| (i, e.gen))
+            .collect();
+        for (idx, gen) in keys {
+            let taken = self.take(idx, gen, |e| {
+                if started {
+                    e.poll_begin.take()
+                } else {
+                    e.poll_end.take()
+                }
+            });
+            if let Some(mut f) = taken {
+                f();
+                self.put_back(idx, gen, |e| {
+                    if started {
+                        e.poll_begin = Some(f)
+                    } else {
+                        e.poll_end = Some(f)
+                    }
+                });
+            }
+        }
+    }
+
+    fn take<T>(&self, idx: usize, gen: u64, f: impl FnOnce(&mut Entry) -> Option<T>) -> Option<T> {
+        let mut t = self.table.borrow_mut();
+        match t.get_mut(idx) {
+            Some(e) if e.gen == gen => f(e),
+            _ => None,
+        }
+    }
+
+    fn put_back(&self, idx: usize, gen: u64, f: impl FnOnce(&mut Entry)) {
+        let mut t = self.table.borrow_mut();
+        if let Some(e) = t.get_mut(idx) {
+            if e.gen == gen {
+                f(e);
+            }
+        }
+        // Otherwise the handler was removed while its callback ran: the
+        // callback is dropped here, after it returned.
+    }
+
+    /// Runs the handlers of the ready events; returns whether any ran.
+    pub(crate) fn dispatch(&self, ctx: &AioContext, ready: &[Ready]) -> bool {
+        let external_off = ctx.inner.external_disable.load(Ordering::Relaxed) > 0;
+        let mut progress = false;
+        for r in ready {
+            let (idx, gen32) = split_key(r.key);
+            let (gen, is_external) = match self.table.borrow().get(idx) {
+                Some(e) if e.gen & 0xffff_ffff == gen32 => (e.gen, e.is_external),
+                _ => continue,
+            };
+            if external_off && is_external {
+                continue;
+            }
+            if r.readable || r.error {
+                progress |= self.call(idx, gen, Which::Read);
+            }
+            if r.writable || r.error {
+                progress |= self.call(idx, gen, Which::Write);
+            }
+        }
+        progress
+    }
+
+    /// Calls one callback with it taken out of the table, so the callback
+    /// may add or remove handlers; puts it back afterwards (also if it
+    /// panics) unless its handler was removed meanwhile.
+    fn call(&self, idx: usize, gen: u64, which: Which) -> bool {
+        let Some(f) = self.take(idx, gen, |e| which.slot(e).take()) else {
+            return false;
+        };
+        let mut restore = Restore {
+            handlers: self,
+            idx,
+            gen,
+            which,
+            f: Some(f),
+        };
+        if let Some(f) = restore.f.as_mut() {
+            f();
+        }
+        true
+    }
+
+    pub(crate) fn clear(&self) {
+        let entries: Vec<Entry> = self.table.borrow_mut().drain().collect();
+        drop(entries);
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Read,
+    Write,
+}
+
+impl Which {
+    fn slot(self, e: &mut Entry) -> &mut Option<IoHandler> {
+        match self {
+            Which::Read => &mut e.read,
+            Which::Write => &mut e.write,
+        }
+    }
+}
+
+struct Restore<'a> {
+    handlers: &'a Handlers,
+    idx: usize,
+    gen: u64,
+    which: Which,
+    f: Option<IoHandler>,
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        if let Some(f) = self.f.take() {
+            let which = self.which;
+            self.handlers
+                .put_back(self.idx, self.gen, |e| *which.slot(e) = Some(f));
+        }
+    }
+}
+
+/// A registered fd handler (QEMU's `AioHandler`): owns the fd, so it cannot
+/// be closed while the loop watches it. Dropping the handle (or
+/// [`remove`](FdHandler::remove)) unregisters it first. `!Send`: it belongs
+/// to the context's home thread.
+pub struct FdHandler<T: AsFd> {
+    fd: Option<T>,
+    raw: RawFd,
+    idx: usize,
+    gen: u64,
+    ctx: AioContext,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl<T: AsFd> FdHandler<T> {
+    /// The watched fd.
+    pub fn get_ref(&self) -> &T {
+        self.fd.as_ref().expect("present until removed")
+    }
+
+    /// Unregisters the handler and gives the fd back.
+    pub fn remove(mut self) -> T {
+        self.unregister();
+        self.fd.take().expect("present until removed")
+    }
+
+    /// Sets the hooks called when the context starts and stops busy
+    /// polling (QEMU's `aio_set_fd_poll`), e.g. to disable a device's
+    /// notifications while it is polled.
+    #[doc(alias = "aio_set_fd_poll")]
+    pub fn set_poll(&self, begin: Option<IoHandler>, end: Option<IoHandler>) {
+        let h = &self.ctx.inner.local().handlers;
+        let mut t = h.table.borrow_mut();
+        if let Some(e) = t.get_mut(self.idx) {
+            if e.gen == self.gen {
+                e.poll_begin = begin;
+                e.poll_end = end;
+            }
+        }
+    }
+
+    fn unregister(&mut self) {
+        if self.ctx.inner.is_dead() {
+            return;
+        }
+        let h = &self.ctx.inner.local().handlers;
+        let entry = {
+            let mut t = h.table.borrow_mut();
+            match t.get(self.idx) {
+                Some(e) if e.gen == self.gen => Some(t.remove(self.idx)),
+                _ => None,
+            }
+        };
+        if let Some(e) = entry {
+            if e.io_poll.is_none() {
+                h.unpollable.set(h.unpollable.get() - 1);
+            }
+            if e.registered {
+                // SAFETY: we still own the fd (it is closed after this).
+                let fd = unsafe { BorrowedFd::borrow_raw(self.raw) };
+                let _ = self.ctx.inner.monitor.delete(fd);
+            }
+            // Wake the loop so it stops waiting on a removed fd.
+            self.ctx.inner.notify();
+            drop(e);
+        }
+    }
+}
+
+impl<T: AsFd> Drop for FdHandler<T> {
+    fn drop(&mut self) {
+        if self.fd.is_some() {
+            self.unregister();
+        }
+    }
+}
+
+impl<T: AsFd> fmt::Debug for FdHandler<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FdHandler").field("fd", &self.raw).finish()
+    }
+}
+
+/// A raw fd wrapper for [`AioContext::set_fd_handler_raw`].
+#[derive(Debug, Clone, Copy)]
+pub struct RawFdSource(RawFd);
+
+impl AsFd for RawFdSource {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: `set_fd_handler_raw`'s caller promised the fd stays open
+        // while the handler exists.
+        unsafe { BorrowedFd::borrow_raw(self.0) }
+    }
+}
+
+impl AioContext {
+    /// Watches `fd` (QEMU's `aio_set_fd_handler`): `read` runs when it is
+    /// readable (or hung up, or in error), `write` when writable, on the
+    /// home thread during `poll`. `io_poll`, if given, is called while the
+    /// context busy-polls (see [`set_poll_params`](Self::set_poll_params));
+    /// when it returns `true` the loop calls `read` without a system call.
+    /// External handlers are skipped while [`disable_external`] is in
+    /// effect.
+    ///
+    /// The handler owns `fd`; dropping it (or [`FdHandler::remove`])
+    /// unregisters before the fd can be closed.
+    ///
+    /// # Errors
+    ///
+    /// The monitor's error (e.g. `EPERM` for a regular file, which epoll
+    /// cannot watch), with the fd named.
+    ///
+    /// # Panics
+    ///
+    /// Panics if called off the home thread, or if no callback is given.
+    ///
+    /// [`disable_external`]: Self::disable_external
+    #[doc(alias = "aio_set_fd_handler")]
+    #[track_caller]
+    pub fn set_fd_handler<T: AsFd + 'static>(
+        &self,
+        fd: T,
+        is_external: bool,
+        read: Option<IoHandler>,
+        write: Option<IoHandler>,
+        io_poll: Option<IoPollHandler>,
+    ) -> io::Result<FdHandler<T>> {
+        self.inner.assert_home("AioContext::set_fd_handler");
+        assert!(
+            read.is_some() || write.is_some() || io_poll.is_some(),
+            "AioContext::set_fd_handler: no callback given (drop the FdHandler to remove one)"
+        );
+        let raw = fd.as_fd().as_raw_fd();
+        let h = &self.inner.local().handlers;
+        let gen = h.next_gen.get();
+        h.next_gen.set(gen.wrapping_add(1) & 0xffff_ffff);
+        let (want_r, want_w) = (read.is_some(), write.is_some());
+        let pollable = io_poll.is_some();
+        let idx = h.table.borrow_mut().insert(Entry {
+            fd: raw,
+            gen,
+            is_external,
+            read,
+            write,
+            io_poll,
+            poll_begin: None,
+            poll_end: None,
+            registered: false,
+        });
+        let off = is_external && h.external_off.get();
+        if !off && (want_r || want_w) {
+            if let Err(e) = self
+                .inner
+                .monitor
+                .add(fd.as_fd(), key_of(idx, gen), want_r, want_w)
+            {
+                h.table.borrow_mut().remove(idx);
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("AioContext::set_fd_handler: cannot watch fd {raw}: {e}"),
+                ));
+            }
+            h.table.borrow_mut()[idx].registered = true;
+        } else if is_external {
+            // Registered (with no interest) so that enabling can modify it.
+            if self
+                .inner
+                .monitor
+                .add(fd.as_fd(), key_of(idx, gen), false, false)
+                .is_ok()
+            {
+                h.table.borrow_mut()[idx].registered = true;
+            }
+        }
+        if !pollable {
+            h.unpollable.set(h.unpollable.get() + 1);
+        }
+        self.inner.notify();
+        Ok(FdHandler {
+            fd: Some(fd),
+            raw,
+            idx,
+            gen,
+            ctx: self.clone(),
+            _not_send: PhantomData,
+        })
+    }
+
+    /// As [`set_fd_handler`](Self::set_fd_handler) for a raw fd the caller
+    /// keeps ownership of.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be an open file descriptor and stay open (not closed, not
+    /// reused) until the returned handler is dropped or removed: the
+    /// kernel's epoll set would otherwise watch whatever file the number
+    /// refers to next.
+    ///
+    /// # Errors
+    ///
+    /// As `set_fd_handler`.
+    pub unsafe fn set_fd_handler_raw(
+        &self,
+        fd: RawFd,
+        is_external: bool,
+        read: Option<IoHandler>,
+        write: Option<IoHandler>,
+        io_poll: Option<IoPollHandler>,
+    ) -> io::Result<FdHandler<RawFdSource>> {
+        self.set_fd_handler(RawFdSource(fd), is_external, read, write, io_poll)
+    }
+
+    /// Watches an [`EventNotifier`](super::EventNotifier) (QEMU's
+    /// `aio_set_event_notifier`): `read` runs when it is set. Share the
+    /// notifier with the callback through the `Arc`.
+    ///
+    /// # Errors
+    ///
+    /// As `set_fd_handler`.
+    #[doc(alias = "aio_set_event_notifier")]
+    #[doc(alias = "aio_set_event_notifier_poll")]
+    #[track_caller]
+    pub fn set_event_notifier(
+        &self,
+        notifier: std::sync::Arc<super::EventNotifier>,
+        is_external: bool,
+        read: IoHandler,
+        io_poll: Option<IoPollHandler>,
+    ) -> io::Result<FdHandler<std::sync::Arc<super::EventNotifier>>> {
+        self.set_fd_handler(notifier, is_external, Some(read), None, io_poll)
+    }
+}

@@ -1,0 +1,210 @@
+//! `IoThread`: a thread running its own AioContext (QEMU's IOThread).
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::{AioContext, IOTHREAD_POLL_MAX_NS};
+
+/// A thread that runs an [`AioContext`] until stopped (QEMU's IOThread).
+/// Adaptive polling is on by default (32 µs, as QEMU's `poll-max-ns`).
+///
+/// Stopping (explicitly or by dropping the handle) finishes the current
+/// loop iteration, unwinds the coroutines the context owns, drops its
+/// handlers, timers and pending BHs on the thread, and joins it.
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::aio::IoThread;
+/// use std::sync::mpsc;
+///
+/// let io = IoThread::spawn("worker")?;
+/// let (tx, rx) = mpsc::channel();
+/// io.context().bh_schedule_oneshot(move || {
+///     tx.send(std::thread::current().name().map(String::from)).unwrap();
+/// });
+/// assert_eq!(rx.recv().unwrap().as_deref(), Some("worker"));
+/// io.stop();
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Debug)]
+#[doc(alias = "IOThread")]
+pub struct IoThread {
+    ctx: AioContext,
+    name: String,
+    stopping: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Options for [`IoThread`]: name and polling parameters.
+#[derive(Debug, Clone)]
+pub struct IoThreadBuilder {
+    name: String,
+    poll_max_ns: i64,
+    poll_grow: i64,
+    poll_shrink: i64,
+}
+
+impl IoThreadBuilder {
+    /// A builder for a thread named `name`, polling up to 32 µs.
+    pub fn new(name: impl Into<String>) -> IoThreadBuilder {
+        IoThreadBuilder {
+            name: name.into(),
+            poll_max_ns: IOTHREAD_POLL_MAX_NS,
+            poll_grow: 0,
+            poll_shrink: 0,
+        }
+    }
+
+    /// Adaptive polling parameters (see
+    /// [`AioContext::set_poll_params`]); `max_ns = 0` turns polling off.
+    pub fn poll_params(mut self, max_ns: i64, grow: i64, shrink: i64) -> IoThreadBuilder {
+        self.poll_max_ns = max_ns;
+        self.poll_grow = grow;
+        self.poll_shrink = shrink;
+        self
+    }
+
+    /// Starts the thread.
+    ///
+    /// # Errors
+    ///
+    /// If the thread or its context cannot be created, or a polling
+    /// parameter is negative.
+    pub fn spawn(self) -> io::Result<IoThread> {
+        let (tx, rx) = mpsc::channel();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop = stopping.clone();
+        let (max, grow, shrink) = (self.poll_max_ns, self.poll_grow, self.poll_shrink);
+        let name = self.name.clone();
+        let thread = std::thread::Builder::new()
+            .name(self.name.clone())
+            .spawn(move || {
+                let ctx = match AioContext::with_name(Some(name)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                if let Err(e) = ctx.set_poll_params(max, grow, shrink) {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                let _ = tx.send(Ok(ctx.clone()));
+                while !stop.load(Ordering::Acquire) {
+                    // A panicking callback must not take the thread down:
+                    // log it and keep serving.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        ctx.poll(true);
+                    }));
+                    if let Err(p) = r {
+                        let msg = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "<non-string panic>".into());
+                        log::error!(
+                            "coroloop: IoThread '{}': a callback panicked: {msg}",
+                            std::thread::current().name().unwrap_or("?")
+                        );
+                    }
+                }
+                ctx.shutdown();
+            })?;
+        let ctx = match rx.recv() {
+            Ok(Ok(ctx)) => ctx,
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(io::Error::other("IoThread::spawn: the thread exited early"));
+            }
+        };
+        Ok(IoThread {
+            ctx,
+            name: self.name,
+            stopping,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+}
+
+impl IoThread {
+    /// Starts a thread named `name` running a new context.
+    ///
+    /// # Errors
+    ///
+    /// As [`IoThreadBuilder::spawn`].
+    pub fn spawn(name: &str) -> io::Result<IoThread> {
+        IoThreadBuilder::new(name).spawn()
+    }
+
+    /// The thread's context (its home thread is the IoThread).
+    pub fn context(&self) -> &AioContext {
+        &self.ctx
+    }
+
+    /// The thread's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Stops the loop, shuts the context down on its thread and joins it.
+    ///
+    /// # Panics
+    ///
+    /// If called twice, or from the IoThread itself (it would wait for
+    /// itself). (A panicking callback does not end the thread: it is
+    /// logged and the loop goes on.)
+    #[track_caller]
+    pub fn stop(&self) {
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(handle) = handle else {
+            panic!(
+                "IoThread::stop: IoThread '{}' is already stopped",
+                self.name
+            );
+        };
+        if handle.thread().id() == std::thread::current().id() {
+            panic!(
+                "IoThread::stop: called from IoThread '{}' itself; stop it from another thread",
+                self.name
+            );
+        }
+        self.stopping.store(true, Ordering::Release);
+        self.ctx.notify();
+        if let Err(p) = handle.join() {
+            std::panic::resume_unwind(p);
+        }
+    }
+
+    /// Whether the thread has been stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+    }
+}
+
+impl Drop for IoThread {
+    fn drop(&mut self) {
+        let handle = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            self.stopping.store(true, Ordering::Release);
+            self.ctx.notify();
+            if handle.join().is_err() && !std::thread::panicking() {
+                log::error!("coroloop: IoThread '{}' panicked", self.name);
+            }
+        }
+    }
+}

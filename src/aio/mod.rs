@@ -1,0 +1,663 @@
+//! The AioContext event loop, as QEMU's `include/block/aio.h`.
+//!
+//! An [`AioContext`] runs bottom halves ([`Bh`]), fd handlers
+//! ([`FdHandler`]), timers ([`Timer`]) and coroutines on one thread, its
+//! *home thread*: the thread that created it (or the thread an [`IoThread`]
+//! starts). Only the home thread calls [`poll`](AioContext::poll); other
+//! threads schedule bottom halves, wake coroutines and [`notify`] it.
+//!
+//! # One iteration of `poll`
+//!
+//! ```text
+//!  poll(blocking)
+//!   ├─ timeout = blocking ? compute_timeout() : 0     BHs, coroutines, timers
+//!   ├─ busy-poll io_poll handlers up to poll_ns       adaptive polling
+//!   ├─ notify_me += 2; fence; if notified: timeout=0  (notify.rs)
+//!   ├─ wait for fds (epoll) up to timeout             skipped when non-blocking
+//!   │                                                 and nothing needs the kernel
+//!   ├─ notify_me -= 2; accept the notify
+//!   ├─ bottom halves (slices: see bh.rs)
+//!   ├─ scheduled and woken coroutines
+//!   ├─ ready fd handlers
+//!   └─ expired timers
+//!  returns whether any callback ran ("progress"); a bare notify is not progress
+//! ```
+//!
+//! A panic in a callback or coroutine unwinds out of `poll` to its caller;
+//! the context stays usable and the work not yet run stays queued.
+//!
+//! [`notify`]: AioContext::notify
+
+mod bh;
+mod co;
+mod fd;
+mod fdmon;
+mod iothread;
+mod notify;
+mod thread_pool;
+mod timer;
+mod wait;
+
+use std::cell::{Cell, RefCell, UnsafeCell};
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+pub use bh::{Bh, LocalBh};
+pub use fd::{FdHandler, IoHandler, IoPollHandler, RawFdSource};
+pub use iothread::{IoThread, IoThreadBuilder};
+pub use notify::EventNotifier;
+pub use thread_pool::ThreadPool;
+pub use timer::{ClockType, Timer};
+pub use wait::wait_kick;
+
+pub(crate) use co::thread_default_resumer;
+
+use crate::coroutine::{Coroutine, Erased};
+use fdmon::{Epoll, FdMonitor, Ready};
+
+/// Key of the context's own notifier in the fd monitor.
+const NOTIFY_KEY: u64 = u64::MAX;
+
+/// QEMU's default `poll-max-ns` for IOThreads: 32 µs.
+pub const IOTHREAD_POLL_MAX_NS: i64 = 32_000;
+
+thread_local! {
+    /// A serial number for this thread, assigned on first use: unlike a
+    /// `ThreadId` it is a plain TLS load, and unlike a TLS address it is
+    /// never reused.
+    static THREAD_SERIAL: Cell<u64> = const { Cell::new(0) };
+    /// The context whose `poll` runs on this thread (innermost), or null.
+    static RUNNING: Cell<*const Inner> = const { Cell::new(std::ptr::null()) };
+    /// The first context created on this thread that is still alive.
+    static HOME_DEFAULT: RefCell<Option<Weak<Inner>>> = const { RefCell::new(None) };
+}
+
+fn thread_serial() -> u64 {
+    THREAD_SERIAL.with(|s| {
+        let v = s.get();
+        if v != 0 {
+            return v;
+        }
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let v = NEXT.fetch_add(1, Ordering::Relaxed);
+        s.set(v);
+        v
+    })
+}
+
+/// An event loop (QEMU's `AioContext`). Cheap to clone; `Send + Sync`.
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::aio::AioContext;
+/// use std::sync::{atomic::{AtomicBool, Ordering}, Arc};
+///
+/// let ctx = AioContext::new()?;
+/// let done = Arc::new(AtomicBool::new(false));
+/// let d = done.clone();
+/// let remote = ctx.clone();
+/// std::thread::spawn(move || {
+///     remote.bh_schedule_oneshot(move || d.store(true, Ordering::Release));
+/// });
+/// ctx.poll_while(|| !done.load(Ordering::Acquire));
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Clone)]
+pub struct AioContext {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    home: u64,
+    name: Option<String>,
+    notify_core: notify::NotifyCore,
+    notifier: EventNotifier,
+    pub(crate) monitor: Box<dyn FdMonitor>,
+    pub(crate) bh: bh::BhQueues,
+    pub(crate) external_disable: AtomicU32,
+    pub(crate) virtual_ns: AtomicI64,
+    dead: AtomicBool,
+    poll_max_ns: AtomicI64,
+    poll_grow: AtomicI64,
+    poll_shrink: AtomicI64,
+    pub(crate) co: co::CoQueue,
+    thread_pool: OnceLock<ThreadPool>,
+    /// Home-thread state; see `local()`.
+    local: UnsafeCell<ManuallyDrop<Local>>,
+}
+
+// SAFETY: `local` is only reached through `Inner::local`, whose callers run
+// on the home thread (checked by `assert_home` at every public entry); the
+// other fields are atomics, thread-safe types, or immutable.
+unsafe impl Sync for Inner {}
+// SAFETY: as above. Dropping `Inner` off its home thread leaks `local`
+// instead of dropping its thread-bound contents there (see `Drop`).
+unsafe impl Send for Inner {}
+
+pub(crate) struct Local {
+    pub(crate) handlers: fd::Handlers,
+    timers: timer::Timers,
+    poll_ns: Cell<i64>,
+    poll_started: Cell<bool>,
+    depth: Cell<u32>,
+    /// Coroutines owned by this context (`Coroutine::detach`).
+    pub(crate) detached: RefCell<HashMap<usize, Coroutine<Erased>>>,
+}
+
+impl Inner {
+    #[inline]
+    pub(crate) fn is_home(&self) -> bool {
+        thread_serial() == self.home
+    }
+
+    #[inline]
+    #[track_caller]
+    pub(crate) fn assert_home(&self, api: &str) {
+        if !self.is_home() {
+            home_violation(api);
+        }
+    }
+
+    /// The home-thread state. Callers are on the home thread.
+    #[inline]
+    pub(crate) fn local(&self) -> &Local {
+        debug_assert!(self.is_home());
+        // SAFETY: only the home thread gets here (callers assert it), and
+        // `Local`'s fields use interior mutability for their own updates.
+        unsafe { &*self.local.get() }
+    }
+
+    pub(crate) fn timers(&self) -> &timer::Timers {
+        &self.local().timers
+    }
+
+    #[inline]
+    pub(crate) fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+    }
+
+    /// Wakes the loop if it sleeps (QEMU's `aio_notify`). Any thread.
+    #[inline]
+    pub(crate) fn notify(&self) {
+        if self.notify_core.notify() {
+            let _ = self.notifier.set();
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn home_violation(api: &str) -> ! {
+    panic!("`{api}` called off the context's home thread")
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let local = self.local.get_mut();
+        if self.home == thread_serial() || self.dead.load(Ordering::Acquire) {
+            // SAFETY: we are on the home thread (or shutdown already emptied
+            // the home-thread state), and this is the last reference.
+            unsafe { ManuallyDrop::drop(local) };
+        } else {
+            log::warn!(
+                "coroloop: AioContext {:?} dropped off its home thread without shutdown; \
+                 its home-thread state (handlers, timers, coroutines) is leaked",
+                self.name
+            );
+        }
+        bh::free_remote(&self.bh);
+    }
+}
+
+impl AioContext {
+    /// Creates a context whose home is the calling thread (QEMU's
+    /// `aio_context_new`). The first live context created on a thread is
+    /// that thread's default: see [`current`](Self::current).
+    ///
+    /// # Errors
+    ///
+    /// When the epoll instance or the eventfd cannot be created (out of
+    /// file descriptors).
+    #[doc(alias = "aio_context_new")]
+    pub fn new() -> io::Result<AioContext> {
+        AioContext::with_name(None)
+    }
+
+    pub(crate) fn with_name(name: Option<String>) -> io::Result<AioContext> {
+        let monitor = Epoll::new()?;
+        let notifier = EventNotifier::new()?;
+        monitor.add(notifier.as_fd(), NOTIFY_KEY, true, false)?;
+        let inner = Arc::new(Inner {
+            home: thread_serial(),
+            name,
+            notify_core: notify::NotifyCore::new(),
+            notifier,
+            monitor: Box::new(monitor),
+            bh: bh::BhQueues::new(),
+            external_disable: AtomicU32::new(0),
+            virtual_ns: AtomicI64::new(0),
+            dead: AtomicBool::new(false),
+            poll_max_ns: AtomicI64::new(0),
+            poll_grow: AtomicI64::new(0),
+            poll_shrink: AtomicI64::new(0),
+            co: co::CoQueue::new(),
+            thread_pool: OnceLock::new(),
+            local: UnsafeCell::new(ManuallyDrop::new(Local {
+                handlers: fd::Handlers::new(),
+                timers: timer::Timers::new(),
+                poll_ns: Cell::new(0),
+                poll_started: Cell::new(false),
+                depth: Cell::new(0),
+                detached: RefCell::new(HashMap::new()),
+            })),
+        });
+        inner.co.set_resumer(&inner);
+        HOME_DEFAULT.with(|d| {
+            let mut d = d.borrow_mut();
+            if d.as_ref().and_then(Weak::upgrade).is_none() {
+                *d = Some(Arc::downgrade(&inner));
+            }
+        });
+        Ok(AioContext { inner })
+    }
+
+    /// The context whose `poll` is running on this thread, else the first
+    /// live context created on this thread (QEMU's
+    /// `qemu_get_current_aio_context`).
+    #[doc(alias = "qemu_get_current_aio_context")]
+    pub fn current() -> Option<AioContext> {
+        let running = RUNNING.with(Cell::get);
+        if !running.is_null() {
+            // SAFETY: `poll` keeps its context alive while it runs (it holds
+            // `&self`), and RUNNING is restored before it returns.
+            unsafe { Arc::increment_strong_count(running) };
+            // SAFETY: we just took the count this Arc gives back.
+            let inner = unsafe { Arc::from_raw(running) };
+            return Some(AioContext { inner });
+        }
+        HOME_DEFAULT
+            .with(|d| d.borrow().as_ref().and_then(Weak::upgrade))
+            .map(|inner| AioContext { inner })
+    }
+
+    /// Whether the calling thread is this context's home thread.
+    #[doc(alias = "in_aio_context_home_thread")]
+    pub fn is_home_thread(&self) -> bool {
+        self.inner.is_home()
+    }
+
+    /// Whether two handles refer to the same context.
+    pub fn ptr_eq(&self, other: &AioContext) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Wakes the loop if it is blocked in `poll` (QEMU's `aio_notify`).
+    /// Costs no system call while the loop is awake. Any thread.
+    #[doc(alias = "aio_notify")]
+    pub fn notify(&self) {
+        self.inner.notify();
+    }
+
+    /// How long `poll(true)` would sleep: `Some(ZERO)` if a BH or coroutine
+    /// is ready to run, the time to the next timer, or `None` (until
+    /// notified) — QEMU's `aio_compute_timeout`.
+    ///
+    /// # Panics
+    ///
+    /// Off the home thread.
+    #[doc(alias = "aio_compute_timeout")]
+    #[track_caller]
+    pub fn compute_timeout(&self) -> Option<Duration> {
+        self.inner.assert_home("AioContext::compute_timeout");
+        self.timeout_ns().map(|ns| Duration::from_nanos(ns as u64))
+    }
+
+    fn timeout_ns(&self) -> Option<i64> {
+        if self.inner.bh.any_scheduled() || !self.inner.co.is_empty() {
+            return Some(0);
+        }
+        self.inner.timers().timeout_ns(self)
+    }
+
+    /// Runs one iteration of the loop (QEMU's `aio_poll`): waits for events
+    /// if `blocking` (until a BH, fd, timer, coroutine wake or `notify`),
+    /// then runs what is ready. Returns whether any callback ran or
+    /// coroutine was entered; a `notify` alone is not progress.
+    ///
+    /// # Panics
+    ///
+    /// Off the home thread (with a message naming the call); and with the
+    /// panic of a callback or coroutine it ran, after which the context
+    /// remains usable.
+    #[doc(alias = "aio_poll")]
+    #[track_caller]
+    pub fn poll(&self, blocking: bool) -> bool {
+        self.inner.assert_home("AioContext::poll");
+        let inner = &*self.inner;
+        let local = inner.local();
+        let _running = RunningGuard::enter(inner);
+        local.handlers.sync_external(self);
+
+        let poll_max = inner.poll_max_ns.load(Ordering::Relaxed);
+        let start = if poll_max > 0 {
+            timer::realtime_ns()
+        } else {
+            0
+        };
+        let mut timeout = if blocking { self.timeout_ns() } else { Some(0) };
+        let mut ready: Vec<Ready> = Vec::new();
+        let mut progress = false;
+
+        // Adaptive busy polling before sleeping.
+        if timeout != Some(0) && poll_max > 0 {
+            let budget = match timeout {
+                Some(t) => local.poll_ns.get().min(t),
+                None => local.poll_ns.get(),
+            };
+            if budget > 0 {
+                if !local.poll_started.replace(true) {
+                    local.handlers.poll_started(true);
+                }
+                let t0 = timer::realtime_ns();
+                loop {
+                    let found = local.handlers.poll_once(self, &mut ready)
+                        || inner.notify_core.is_notified();
+                    let elapsed = timer::realtime_ns() - t0;
+                    if found {
+                        progress |= !ready.is_empty();
+                        timeout = Some(0);
+                        break;
+                    }
+                    if elapsed >= budget {
+                        timeout = timeout.map(|t| (t - elapsed).max(0));
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+            }
+        }
+
+        let use_notify_me = timeout != Some(0);
+        if use_notify_me && !inner.notify_core.prepare_block() {
+            timeout = Some(0);
+        }
+        if local.poll_started.replace(false) {
+            local.handlers.poll_started(false);
+        }
+        // A non-blocking poll asks the kernel only if some fd cannot be
+        // checked by its io_poll hook (or none exists at all to check).
+        let need_kernel = timeout != Some(0)
+            || local.handlers.unpollable.get() > 0
+            || (ready.is_empty() && !local.handlers.is_empty());
+        if need_kernel {
+            let d = timeout.map(|ns| Duration::from_nanos(ns as u64));
+            if let Err(e) = inner.monitor.wait(d, &mut ready) {
+                log::error!("coroloop: AioContext::poll: epoll_wait failed: {e}");
+            }
+        } else if ready.is_empty() && !local.handlers.is_empty() {
+            local.handlers.poll_once(self, &mut ready);
+        }
+        if use_notify_me {
+            inner.notify_core.finish_block();
+        }
+        if let Some(i) = ready.iter().position(|r| r.key == NOTIFY_KEY) {
+            ready.swap_remove(i);
+            inner.notifier.test_and_clear();
+            inner.notify_core.drained();
+        }
+        inner.notify_core.accept();
+
+        if poll_max > 0 && blocking {
+            let block_ns = timer::realtime_ns() - start;
+            self.adjust_poll_time(block_ns);
+        }
+
+        progress |= bh::bh_poll(self);
+        progress |= co::run_queue(self);
+        progress |= local.handlers.dispatch(self, &ready);
+        progress |= local.timers.run(self);
+        progress
+    }
+
+    /// QEMU's grow/shrink rule for the busy-poll time.
+    fn adjust_poll_time(&self, block_ns: i64) {
+        let inner = &self.inner;
+        let local = inner.local();
+        let max = inner.poll_max_ns.load(Ordering::Relaxed);
+        let ns = local.poll_ns.get();
+        if block_ns <= ns {
+            // Polling would have caught it: keep.
+        } else if block_ns > max {
+            let shrink = inner.poll_shrink.load(Ordering::Relaxed);
+            local.poll_ns.set(if shrink > 0 { ns / shrink } else { 0 });
+        } else if ns < max && block_ns < max {
+            let grow = match inner.poll_grow.load(Ordering::Relaxed) {
+                0 => 2,
+                g => g,
+            };
+            let next = if ns == 0 {
+                4_000
+            } else {
+                ns.saturating_mul(grow)
+            };
+            local.poll_ns.set(next.min(max));
+        }
+    }
+
+    /// The current busy-poll time in nanoseconds (grows and shrinks with
+    /// the observed wait times, up to `max_ns`).
+    #[track_caller]
+    pub fn poll_ns(&self) -> i64 {
+        self.inner.assert_home("AioContext::poll_ns");
+        self.inner.local().poll_ns.get()
+    }
+
+    /// Sets adaptive busy polling (QEMU's `aio_context_set_poll_params`):
+    /// before sleeping, `poll` calls the `io_poll` hooks (and checks for
+    /// notifies) for up to `poll_ns`, which starts at 0, grows by `grow`
+    /// (0: doubles, starting at 4 µs) while waits are shorter than
+    /// `max_ns`, and shrinks by `shrink` (0: to 0) after a longer wait.
+    /// `max_ns = 0` turns polling off (the default for
+    /// [`AioContext::new`]; [`IoThread`] uses 32 µs).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` naming the argument if any is negative.
+    #[doc(alias = "aio_context_set_poll_params")]
+    pub fn set_poll_params(&self, max_ns: i64, grow: i64, shrink: i64) -> io::Result<()> {
+        for (name, v) in [("max_ns", max_ns), ("grow", grow), ("shrink", shrink)] {
+            if v < 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("AioContext::set_poll_params: {name} must not be negative (got {v})"),
+                ));
+            }
+        }
+        self.inner.poll_max_ns.store(max_ns, Ordering::Relaxed);
+        self.inner.poll_grow.store(grow, Ordering::Relaxed);
+        self.inner.poll_shrink.store(shrink, Ordering::Relaxed);
+        if self.inner.is_home() {
+            self.inner.local().poll_ns.set(0);
+        }
+        self.notify();
+        Ok(())
+    }
+
+    /// Stops dispatching external fd handlers (nests). Any thread.
+    #[doc(alias = "aio_disable_external")]
+    pub fn disable_external(&self) {
+        self.inner.external_disable.fetch_add(1, Ordering::AcqRel);
+        self.notify();
+    }
+
+    /// Undoes one [`disable_external`](Self::disable_external) and kicks
+    /// the loop.
+    ///
+    /// # Panics
+    ///
+    /// If external handlers are not disabled.
+    #[doc(alias = "aio_enable_external")]
+    #[track_caller]
+    pub fn enable_external(&self) {
+        let r =
+            self.inner
+                .external_disable
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| v.checked_sub(1));
+        if r.is_err() {
+            panic!("AioContext::enable_external: external handlers are not disabled");
+        }
+        self.notify();
+    }
+
+    /// Whether external handlers are disabled.
+    #[doc(alias = "aio_external_disabled")]
+    pub fn is_external_disabled(&self) -> bool {
+        self.inner.external_disable.load(Ordering::Acquire) > 0
+    }
+
+    /// Prepares to be driven by another event loop (QEMU's GSource
+    /// `prepare`): returns how long the outer loop may sleep (`None`:
+    /// until the context's fd, [`AsFd`], is readable). Must be followed by
+    /// [`pending`](Self::pending).
+    #[doc(alias = "aio_prepare")]
+    #[track_caller]
+    pub fn prepare(&self) -> Option<Duration> {
+        self.inner.assert_home("AioContext::prepare");
+        let timeout = self.timeout_ns();
+        if !self.inner.notify_core.prepare_block() {
+            return Some(Duration::ZERO);
+        }
+        timeout.map(|ns| Duration::from_nanos(ns as u64))
+    }
+
+    /// After the outer loop woke (or timed out): whether `dispatch` has
+    /// work (QEMU's `aio_pending` and GSource `check`).
+    #[doc(alias = "aio_pending")]
+    #[track_caller]
+    pub fn pending(&self) -> bool {
+        self.inner.assert_home("AioContext::pending");
+        self.inner.notify_core.finish_block();
+        self.timeout_ns() == Some(0) || self.inner.notify_core.is_notified() || {
+            let mut ready = Vec::new();
+            let _ = self.inner.monitor.wait(Some(Duration::ZERO), &mut ready);
+            // Level-triggered: what is ready now is still ready in dispatch.
+            !ready.is_empty()
+        }
+    }
+
+    /// Runs what is ready without waiting (QEMU's `aio_dispatch`); returns
+    /// progress as `poll` does.
+    #[doc(alias = "aio_dispatch")]
+    #[track_caller]
+    pub fn dispatch(&self) -> bool {
+        self.inner.assert_home("AioContext::dispatch");
+        self.poll(false)
+    }
+
+    /// Runs `poll(true)` while `cond()` holds (QEMU's `AIO_WAIT_WHILE`).
+    /// [`wait_kick`] wakes every such loop, so a condition changed by
+    /// another thread without scheduling work here is re-checked.
+    ///
+    /// # Panics
+    ///
+    /// Off the home thread.
+    #[doc(alias = "AIO_WAIT_WHILE")]
+    #[doc(alias = "aio_wait_while")]
+    #[track_caller]
+    pub fn poll_while(&self, mut cond: impl FnMut() -> bool) {
+        self.inner.assert_home("AioContext::poll_while");
+        let _w = wait::Waiting::register(self);
+        while cond() {
+            self.poll(true);
+        }
+    }
+
+    /// The context's thread pool (QEMU's `aio_get_thread_pool`), created on
+    /// first use.
+    #[doc(alias = "aio_get_thread_pool")]
+    pub fn thread_pool(&self) -> &ThreadPool {
+        self.inner
+            .thread_pool
+            .get_or_init(|| ThreadPool::new(Arc::downgrade(&self.inner)))
+    }
+
+    /// Tears the home-thread state down: unwinds detached coroutines,
+    /// drops handlers, timers and pending BHs. Home thread; idempotent.
+    pub(crate) fn shutdown(&self) {
+        self.inner.assert_home("AioContext::shutdown");
+        if self.inner.dead.load(Ordering::Acquire) {
+            return;
+        }
+        let local = self.inner.local();
+        // Coroutines first: their unwinding may still use the context.
+        loop {
+            let owned: Vec<_> = local
+                .detached
+                .borrow_mut()
+                .drain()
+                .map(|(_, c)| c)
+                .collect();
+            if owned.is_empty() {
+                break;
+            }
+            drop(owned);
+        }
+        self.inner.dead.store(true, Ordering::Release);
+        bh::shutdown(self);
+        local.timers.clear();
+        local.handlers.clear();
+        co::clear_queue(self);
+    }
+}
+
+/// Marks a context as running on this thread for `AioContext::current`.
+struct RunningGuard {
+    prev: *const Inner,
+}
+
+impl RunningGuard {
+    fn enter(inner: &Inner) -> RunningGuard {
+        let local = inner.local();
+        local.depth.set(local.depth.get() + 1);
+        RunningGuard {
+            prev: RUNNING.with(|r| r.replace(inner)),
+        }
+    }
+}
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        let cur = RUNNING.with(|r| r.replace(self.prev));
+        // SAFETY: `cur` is the context `enter` installed; `poll` still
+        // holds it.
+        let local = unsafe { &*cur }.local();
+        local.depth.set(local.depth.get() - 1);
+    }
+}
+
+impl AsFd for AioContext {
+    /// The epoll fd: readable when a watched fd is ready or the context was
+    /// notified. For driving the context from another loop (see
+    /// [`prepare`](Self::prepare)).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // The monitor is an epoll instance with a file descriptor.
+        self.inner.monitor.as_fd_dyn()
+    }
+}
+
+impl fmt::Debug for AioContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AioContext")
+            .field("name", &self.inner.name)
+            .field("home_thread", &self.inner.home)
+            .finish()
+    }
+}

@@ -1,0 +1,329 @@
+//! Waking, scheduling and owning coroutines through their resumer (an
+//! AioContext for now): the cross-thread half of DESIGN.md's "Resumers".
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Wake, Waker};
+use std::time::Duration;
+
+use super::header::{CoReqKind, Header, Resumer};
+use super::{current, suspend, Coroutine, Erased, RemoteRef};
+use crate::aio::{AioContext, ClockType};
+
+fn resumer_of(h: &Header) -> Option<Arc<dyn Resumer>> {
+    // SAFETY: home-thread field (callers are on the home thread); cloned
+    // out so no borrow outlives this call.
+    unsafe { (*h.resumer.get()).clone() }
+}
+
+/// A `Send + Sync` handle to wake or schedule a coroutine from any thread
+/// (QEMU's `aio_co_wake` / `aio_co_schedule` from another thread). It does
+/// not own the coroutine: once the coroutine finishes (or is unwound) its
+/// remote handles do nothing.
+///
+/// The coroutine is entered by its *resumer* — the AioContext that was
+/// current on its thread when it was created — on its home thread, never
+/// on the caller's.
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::{aio::AioContext, coroutine, Coroutine};
+///
+/// let ctx = AioContext::new()?;
+/// let co = Coroutine::new(|| {
+///     coroutine::suspend();
+///     std::thread::current().id()
+/// });
+/// co.enter();
+/// let remote = co.remote();
+/// std::thread::spawn(move || remote.wake()).join().unwrap();
+/// assert!(ctx.poll(true));
+/// assert_eq!(co.take_result(), Some(std::thread::current().id()));
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Clone)]
+pub struct RemoteCoroutine {
+    r: RemoteRef,
+    resumer: Option<Arc<dyn Resumer>>,
+}
+
+impl RemoteCoroutine {
+    /// Queues the coroutine on its resumer to be entered on its home
+    /// thread. Repeated wakes before it runs queue it once; waking a
+    /// finished coroutine does nothing. A coroutine without a resumer (no
+    /// AioContext on its thread) only records the wake, with a log line.
+    #[doc(alias = "aio_co_wake")]
+    pub fn wake(&self) {
+        if !self.r.is_current() {
+            return;
+        }
+        if self.r.header().woken.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        match &self.resumer {
+            Some(res) => res.queue(self.r.clone(), CoReqKind::Wake),
+            None => no_resumer_logged(),
+        }
+    }
+
+    /// Schedules the coroutine on its resumer (QEMU's `aio_co_schedule`).
+    ///
+    /// # Panics
+    ///
+    /// If it is already scheduled and has not run since (QEMU: "Co-routine
+    /// was already scheduled"), or if it has no resumer.
+    #[doc(alias = "aio_co_schedule")]
+    #[track_caller]
+    pub fn schedule(&self) {
+        let Some(res) = &self.resumer else {
+            panic!("RemoteCoroutine::schedule: the coroutine has no AioContext to run it");
+        };
+        if !self.r.is_current() {
+            return;
+        }
+        if self.r.header().scheduled.swap(true, Ordering::AcqRel) {
+            panic!("RemoteCoroutine::schedule: coroutine was already scheduled");
+        }
+        res.queue(self.r.clone(), CoReqKind::Schedule);
+    }
+
+    /// Whether the coroutine finished (or was unwound).
+    pub fn is_finished(&self) -> bool {
+        !self.r.is_current()
+    }
+
+    /// The context that enters the coroutine, if any.
+    pub fn aio_context(&self) -> Option<AioContext> {
+        self.resumer.as_ref().and_then(|r| r.aio_context())
+    }
+}
+
+impl fmt::Debug for RemoteCoroutine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteCoroutine")
+            .field("finished", &self.is_finished())
+            .field("has_resumer", &self.resumer.is_some())
+            .finish()
+    }
+}
+
+#[cold]
+fn no_resumer_logged() {
+    static LOGGED: AtomicBool = AtomicBool::new(false);
+    if !LOGGED.swap(true, Ordering::Relaxed) {
+        log::warn!(
+            "coroloop: a coroutine without an AioContext was woken from a waker or remote \
+             handle; only its woken bit is set (enter it by hand, or create it where an \
+             AioContext runs)"
+        );
+    }
+}
+
+struct CoWaker(RemoteCoroutine);
+
+impl Wake for CoWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.wake();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.wake();
+    }
+}
+
+impl<T> Coroutine<T> {
+    /// A handle to wake or schedule this coroutine from any thread.
+    pub fn remote(&self) -> RemoteCoroutine {
+        let h = self.header();
+        RemoteCoroutine {
+            r: RemoteRef::new(h),
+            resumer: resumer_of(h),
+        }
+    }
+
+    /// A `std::task::Waker` that wakes this coroutine through its resumer
+    /// ([`RemoteCoroutine::wake`]). Waking never enters the coroutine in
+    /// the waker's caller.
+    pub fn waker(&self) -> Waker {
+        Waker::from(Arc::new(CoWaker(self.remote())))
+    }
+
+    /// The context that enters this coroutine when it is scheduled or woken
+    /// from elsewhere (QEMU's `qemu_coroutine_get_aio_context`).
+    #[doc(alias = "qemu_coroutine_get_aio_context")]
+    pub fn aio_context(&self) -> Option<AioContext> {
+        resumer_of(self.header()).and_then(|r| r.aio_context())
+    }
+
+    /// Gives the coroutine to its home context: it runs until it finishes,
+    /// as a QEMU coroutine does, without any handle keeping it; shutting
+    /// the context down (or [`IoThread::stop`](crate::aio::IoThread::stop))
+    /// unwinds it if it is still suspended.
+    ///
+    /// # Panics
+    ///
+    /// If the coroutine has no AioContext (none existed on its thread when
+    /// it was created).
+    #[track_caller]
+    pub fn detach(self) {
+        let h = self.header();
+        if h.state.get() == super::State::Finished {
+            return;
+        }
+        let Some(ctx) = self.aio_context() else {
+            panic!("Coroutine::detach: the coroutine has no AioContext to own it");
+        };
+        h.detached.set(true);
+        ctx.adopt(self.erase());
+    }
+}
+
+/// Reschedules the current coroutine on its resumer and suspends: other
+/// ready work of the context runs first.
+///
+/// # Panics
+///
+/// Outside a coroutine, or in one without an AioContext.
+#[track_caller]
+pub fn yield_now() {
+    let p = current::current_ptr();
+    if p.is_null() {
+        panic!("coroutine::yield_now() called outside a coroutine");
+    }
+    // SAFETY: the running coroutine's header is alive.
+    let h = unsafe { &*p };
+    let Some(res) = resumer_of(h) else {
+        panic!("coroutine::yield_now(): the coroutine has no AioContext to reschedule it");
+    };
+    if !h.scheduled.swap(true, Ordering::AcqRel) {
+        res.queue(RemoteRef::new(h), CoReqKind::Schedule);
+    }
+    suspend();
+}
+
+/// Suspends the current coroutine for at least `d`, on its context's
+/// realtime timers (QEMU's `qemu_co_sleep_ns`). Other wakes in between do
+/// not end the sleep early.
+///
+/// # Panics
+///
+/// Outside a coroutine, or in one without an AioContext on its thread.
+#[doc(alias = "qemu_co_sleep_ns")]
+#[track_caller]
+pub fn sleep(d: Duration) {
+    let co = match Coroutine::current() {
+        Some(co) => co,
+        None => panic!("coroutine::sleep() called outside a coroutine"),
+    };
+    let Some(ctx) = co.aio_context() else {
+        panic!("coroutine::sleep(): the coroutine has no AioContext for its timer");
+    };
+    let fired = std::rc::Rc::new(std::cell::Cell::new(false));
+    let f = fired.clone();
+    let r = RemoteRef::new(co.header());
+    drop(co);
+    let timer = ctx.timer_new(ClockType::Realtime, move || {
+        f.set(true);
+        // SAFETY: timer callbacks run on the context's home thread, which
+        // is this coroutine's home thread.
+        if let Some(co) = unsafe { r.upgrade() } {
+            co.wake();
+        }
+    });
+    timer.mod_after(d);
+    while !fired.get() {
+        suspend();
+    }
+}
+
+/// Moves the current coroutine to `ctx`: it suspends here and is entered
+/// next on `ctx`'s home thread (QEMU's `aio_co_reschedule_self`).
+///
+/// # Safety
+///
+/// A coroutine's stack may hold values bound to its thread, and its
+/// handles and bookkeeping are not thread-safe. The caller guarantees:
+///
+/// * nothing on the coroutine's stack is bound to the current thread (no
+///   `Rc` shared with this thread, no `RefCell` borrow of its data, no
+///   reference to its thread-locals, no lock guard of a thread-affine lock);
+/// * no [`Coroutine`] handle of it is used (cloned, dropped, entered,
+///   queried) on any thread while it runs or is suspended on `ctx`'s
+///   thread — in practice, it is [detached](Coroutine::detach) or its
+///   handles are leaked;
+/// * nothing on this thread will enter or wake it by hand afterwards.
+///
+/// Wakers and [`RemoteCoroutine`]s made before the move still queue it on
+/// its old context.
+#[doc(alias = "aio_co_reschedule_self")]
+pub unsafe fn reschedule_self(ctx: &AioContext) {
+    let p = current::current_ptr();
+    assert!(
+        !p.is_null(),
+        "coroutine::reschedule_self() called outside a coroutine"
+    );
+    let Some(old) = AioContext::current() else {
+        panic!("coroutine::reschedule_self(): no AioContext runs on this thread");
+    };
+    if old.ptr_eq(ctx) {
+        return;
+    }
+    // SAFETY: the running coroutine's header is alive.
+    let r = RemoteRef::new(unsafe { &*p });
+    let res: Arc<dyn Resumer> = ctx.resumer();
+    let new_ctx = ctx.clone();
+    let old2 = old.clone();
+    // Hand over from a BH on the old context, which runs only after this
+    // coroutine has suspended here: queueing it on the new context right
+    // away could let that thread enter it before it left this one.
+    old.bh_schedule_oneshot_local(move || {
+        let h = r.header();
+        // SAFETY: home-thread field, on the home thread, with the
+        // coroutine suspended; the caller guarantees no handle uses it.
+        unsafe { *h.resumer.get() = Some(res.clone()) };
+        h.scheduled.store(true, Ordering::Release);
+        let owned = if h.detached.get() {
+            old2.disown(h as *const Header as usize)
+                .map(MovedOwner::new)
+        } else {
+            None
+        };
+        match owned {
+            None => res.queue(r, CoReqKind::Schedule),
+            Some(owner) => {
+                let target = new_ctx.clone();
+                new_ctx.bh_schedule_oneshot(move || {
+                    // SAFETY: `owner` came from `disown` on the old home
+                    // thread; we are on the new home thread now.
+                    target.adopt(unsafe { owner.into_coroutine() });
+                    res.queue(r, CoReqKind::Schedule);
+                });
+            }
+        }
+    });
+    suspend();
+}
+
+/// The owning handle of a detached coroutine in transit between contexts.
+struct MovedOwner(std::ptr::NonNull<Header>);
+
+// SAFETY: only moved, never used, between `new` on the old home thread and
+// `into_coroutine` on the new one; `reschedule_self`'s contract rules out
+// any other use of the coroutine's handles meanwhile.
+unsafe impl Send for MovedOwner {}
+
+impl MovedOwner {
+    fn new(co: Coroutine<Erased>) -> MovedOwner {
+        let co = std::mem::ManuallyDrop::new(co);
+        MovedOwner(co.h)
+    }
+
+    /// # Safety
+    ///
+    /// On the coroutine's new home thread.
+    unsafe fn into_coroutine(self) -> Coroutine<Erased> {
+        // SAFETY: the strong count `new` kept moves into the handle.
+        unsafe { Coroutine::from_header(self.0) }
+    }
+}
