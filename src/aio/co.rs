@@ -112,7 +112,9 @@ pub(crate) fn run_queue(ctx: &AioContext) -> bool {
             let _ = q.push((r, kind));
             continue;
         }
-        flag.store(false, std::sync::atomic::Ordering::Release);
+        // Clear with an RMW (see `WakeFlag`): a waker that found it set
+        // relies on this entry.
+        flag.release();
         progress = true;
         co.enter();
     }
@@ -187,10 +189,7 @@ impl AioContext {
             return;
         }
         let r = co.remote_ref();
-        if r.header()
-            .scheduled
-            .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
+        if !r.header().scheduled.claim() {
             panic!("AioContext::co_schedule: coroutine was already scheduled");
         }
         let _ = self.inner.co.queue.push((r, CoReqKind::Schedule));

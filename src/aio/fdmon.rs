@@ -24,6 +24,9 @@ pub(crate) struct Ready {
 /// What every fd monitor offers the loop.
 pub(crate) trait FdMonitor: Send + Sync {
     fn add(&self, fd: BorrowedFd<'_>, key: u64, read: bool, write: bool) -> io::Result<()>;
+    /// Watches the context's own eventfd edge-triggered: every write is
+    /// reported once, so the loop never has to read it back.
+    fn add_notifier(&self, fd: BorrowedFd<'_>, key: u64) -> io::Result<()>;
     fn modify(&self, fd: BorrowedFd<'_>, key: u64, read: bool, write: bool) -> io::Result<()>;
     fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()>;
     /// Waits up to `timeout` (`None`: forever) and appends what is ready.
@@ -63,6 +66,16 @@ impl FdMonitor for Epoll {
             fd,
             epoll::EventData::new_u64(key),
             Self::flags(read, write),
+        )?;
+        Ok(())
+    }
+
+    fn add_notifier(&self, fd: BorrowedFd<'_>, key: u64) -> io::Result<()> {
+        epoll::add(
+            &self.epfd,
+            fd,
+            epoll::EventData::new_u64(key),
+            epoll::EventFlags::IN | epoll::EventFlags::ET,
         )?;
         Ok(())
     }

@@ -321,9 +321,9 @@ pub(crate) struct Header {
     /// Owned by its resumer's context (`Coroutine::detach`).
     pub(crate) detached: Cell<bool>,
     /// Queued by a schedule and not yet dequeued (any thread).
-    pub(crate) scheduled: std::sync::atomic::AtomicBool,
+    pub(crate) scheduled: super::remote::WakeFlag,
     /// Queued by a wake and not yet dequeued (any thread).
-    pub(crate) woken: std::sync::atomic::AtomicBool,
+    pub(crate) woken: super::remote::WakeFlag,
     pub(crate) payload: Cell<Payload>,
     pub(crate) slot: UnsafeCell<Inline>,
     pub(crate) vtable: Cell<&'static PayloadVTable>,
@@ -367,8 +367,8 @@ impl Header {
             panic: Cell::new(None),
             cancelling: Cell::new(false),
             detached: Cell::new(false),
-            scheduled: std::sync::atomic::AtomicBool::new(false),
-            woken: std::sync::atomic::AtomicBool::new(false),
+            scheduled: super::remote::WakeFlag::new(),
+            woken: super::remote::WakeFlag::new(),
             payload: Cell::new(Payload::Empty),
             slot: UnsafeCell::new(Inline([MaybeUninit::uninit(); 64])),
             vtable: Cell::new(&EMPTY_VTABLE),
@@ -508,8 +508,8 @@ impl Header {
         self.queued.set(false);
         self.cancelling.set(false);
         self.detached.set(false);
-        self.scheduled.store(false, Ordering::Relaxed);
-        self.woken.store(false, Ordering::Relaxed);
+        self.scheduled.reset();
+        self.woken.reset();
     }
 }
 

@@ -21,7 +21,7 @@
 //! loom model below checks both races (remote drop before and after the
 //! home thread lets go).
 
-use super::super::loom::sync::atomic::{AtomicUsize, Ordering};
+use super::super::loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 const HOME_GONE: usize = 1 << (usize::BITS - 1);
 /// Far below `HOME_GONE`: reaching it means references are leaked in a
@@ -80,6 +80,49 @@ impl RemoteCount {
     }
 }
 
+/// A "queued" flag for cross-thread wakes (and schedules): a waker queues
+/// the coroutine only if it sets the flag; the driver clears it right
+/// before entering the coroutine.
+///
+/// Both sides are read-modify-writes on purpose. A waker that finds the
+/// flag set does not queue again and relies on the pending request; the
+/// driver's clearing swap reads that waker's swap and acquires from it, so
+/// what the waker wrote before waking (the condition the coroutine waits
+/// for) is visible to the coroutine entered next. With a plain store the
+/// driver's later loads could pass the store and miss the wake (seen as a
+/// hung ping-pong between two threads before this was a swap).
+pub(crate) struct WakeFlag(AtomicBool);
+
+impl WakeFlag {
+    #[cfg(not(all(test, coroloop_loom)))]
+    pub(crate) const fn new() -> WakeFlag {
+        WakeFlag(AtomicBool::new(false))
+    }
+
+    #[cfg(all(test, coroloop_loom))]
+    pub(crate) fn new() -> WakeFlag {
+        WakeFlag(AtomicBool::new(false))
+    }
+
+    /// Waker side: `true` if the caller must queue the coroutine.
+    #[inline]
+    #[must_use]
+    pub(crate) fn claim(&self) -> bool {
+        !self.0.swap(true, Ordering::AcqRel)
+    }
+
+    /// Driver side, right before entering the coroutine.
+    #[inline]
+    pub(crate) fn release(&self) {
+        self.0.swap(false, Ordering::AcqRel);
+    }
+
+    /// Forget a pending claim (the header is being reset).
+    pub(crate) fn reset(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 #[cfg(all(test, coroloop_loom))]
 mod tests_loom {
     use super::*;
@@ -127,6 +170,38 @@ mod tests_loom {
                 t.join().unwrap();
             }
             assert_eq!(m.frees.load(Ordering::Relaxed), 1);
+        });
+    }
+
+    /// A request is in flight (flag claimed). The waker publishes its
+    /// condition and wakes again while the driver dequeues: either the
+    /// waker queues a new request, or the coroutine entered by the driver
+    /// sees the condition. No lost wake.
+    #[test]
+    fn loom_wake_flag_no_lost_wake() {
+        loom::model(|| {
+            let flag = Arc::new(WakeFlag::new());
+            assert!(flag.claim()); // the request already queued
+            let cond = Arc::new(AtomicBool::new(false));
+            let requeued = Arc::new(AtomicBool::new(false));
+            let w = {
+                let (flag, cond, requeued) = (flag.clone(), cond.clone(), requeued.clone());
+                loom::thread::spawn(move || {
+                    cond.store(true, Ordering::Relaxed);
+                    if flag.claim() {
+                        requeued.store(true, Ordering::Relaxed);
+                    }
+                })
+            };
+            // The driver dequeues the in-flight request and enters the
+            // coroutine, which checks its condition.
+            flag.release();
+            let seen = cond.load(Ordering::Relaxed);
+            w.join().unwrap();
+            assert!(
+                seen || requeued.load(Ordering::Relaxed),
+                "the coroutine missed the condition and no new request was queued"
+            );
         });
     }
 }

@@ -59,8 +59,8 @@ impl RemoteCoroutine {
         if !self.r.is_current() {
             return;
         }
-        if self.r.header().woken.swap(true, Ordering::AcqRel) {
-            return;
+        if !self.r.header().woken.claim() {
+            return; // a request is already queued
         }
         match &self.resumer {
             Some(res) => res.queue(self.r.clone(), CoReqKind::Wake),
@@ -83,7 +83,7 @@ impl RemoteCoroutine {
         if !self.r.is_current() {
             return;
         }
-        if self.r.header().scheduled.swap(true, Ordering::AcqRel) {
+        if !self.r.header().scheduled.claim() {
             panic!("RemoteCoroutine::schedule: coroutine was already scheduled");
         }
         res.queue(self.r.clone(), CoReqKind::Schedule);
@@ -196,7 +196,7 @@ pub fn yield_now() {
     let Some(res) = resumer_of(h) else {
         panic!("coroutine::yield_now(): the coroutine has no AioContext to reschedule it");
     };
-    if !h.scheduled.swap(true, Ordering::AcqRel) {
+    if h.scheduled.claim() {
         res.queue(RemoteRef::new(h), CoReqKind::Schedule);
     }
     suspend();
@@ -282,7 +282,7 @@ pub unsafe fn reschedule_self(ctx: &AioContext) {
         // SAFETY: home-thread field, on the home thread, with the
         // coroutine suspended; the caller guarantees no handle uses it.
         unsafe { *h.resumer.get() = Some(res.clone()) };
-        h.scheduled.store(true, Ordering::Release);
+        let _ = h.scheduled.claim();
         let owned = if h.detached.get() {
             old2.disown(h as *const Header as usize)
                 .map(MovedOwner::new)
