@@ -8,11 +8,15 @@
 //!   a per-thread pool of live coroutines, guard-paged stacks with a
 //!   stack-overflow report, and a stack budget that keeps the process clear
 //!   of `vm.max_map_count`.
+//! * [`aio`]: the AioContext event loop — bottom halves, fd handlers and
+//!   event notifiers on epoll, timers on three clocks, adaptive busy
+//!   polling, cross-thread wake-ups (`notify` without a system call while
+//!   the loop is awake), coroutines scheduled and woken from any thread,
+//!   `IoThread`s and a per-context thread pool.
 //!
-//! Planned, in this order: the AioContext event loop (bottom halves, fd
-//! handlers, timers, adaptive polling, a thread pool), the coroutine locks
-//! (CoMutex, CoQueue, CoRwLock, CoSleep), coroutine I/O, bridges with Rust
-//! futures and smol, and io_uring / Linux AIO file I/O.
+//! Planned, in this order: the coroutine locks (CoMutex, CoQueue,
+//! CoRwLock, CoSleep), coroutine I/O, bridges with Rust futures and smol,
+//! and io_uring / Linux AIO file I/O.
 //!
 //! # Example
 //!
@@ -99,6 +103,27 @@
 //! | coroutine pool, `qemu_coroutine_{increase,decrease}_pool_batch_size` | [`coroutine::increase_pool_batch_size`], [`coroutine::decrease_pool_batch_size`] |
 //! | the pool's cap below `vm.max_map_count` | [`coroutine::max_live_stacks`] |
 //! | `COROUTINE_STACK_SIZE` | [`coroutine::DEFAULT_STACK_SIZE`] (1 MiB) |
+//! | `aio_context_new`, ref/unref | [`aio::AioContext::new`] (`io::Result`); `Clone`/`Drop` |
+//! | `qemu_get_current_aio_context` | [`aio::AioContext::current`] |
+//! | `aio_poll` / `aio_notify` | [`aio::AioContext::poll`] / [`aio::AioContext::notify`] |
+//! | `aio_prepare` / `aio_pending` / `aio_dispatch` | [`aio::AioContext::prepare`] / [`pending`](aio::AioContext::pending) / [`dispatch`](aio::AioContext::dispatch), with the context's fd (`AsFd`) |
+//! | `aio_bh_new` / `aio_bh_schedule_oneshot` | [`aio::AioContext::bh_new`] → [`aio::Bh`] (`Send`), [`bh_new_local`](aio::AioContext::bh_new_local) → [`aio::LocalBh`]; [`bh_schedule_oneshot`](aio::AioContext::bh_schedule_oneshot) |
+//! | `qemu_bh_schedule` / `_cancel` / `_delete` | [`aio::Bh::schedule`] / [`aio::Bh::cancel`] / `drop(bh)` |
+//! | `aio_set_fd_handler`, `aio_set_fd_poll` | [`aio::AioContext::set_fd_handler`] → [`aio::FdHandler`] (owns the fd), [`set_fd_handler_raw`](aio::AioContext::set_fd_handler_raw) (`unsafe`), [`aio::FdHandler::set_poll`] |
+//! | `EventNotifier`, `aio_set_event_notifier` | [`aio::EventNotifier`], [`aio::AioContext::set_event_notifier`] |
+//! | `aio_timer_new`, `timer_mod`, `timer_mod_anticipate`, `timer_del` | [`aio::AioContext::timer_new`] → [`aio::Timer`]: `mod_ns`, `mod_anticipate`, `del`, `expire_time` |
+//! | `QEMUClockType` | [`aio::ClockType`] (`Realtime`, `Host`, `Virtual` advanced by hand) |
+//! | `aio_compute_timeout` | [`aio::AioContext::compute_timeout`] |
+//! | `aio_disable_external` / `enable` / `external_disabled` | [`aio::AioContext::disable_external`] / [`enable_external`](aio::AioContext::enable_external) / [`is_external_disabled`](aio::AioContext::is_external_disabled) |
+//! | `aio_context_set_poll_params` | [`aio::AioContext::set_poll_params`] |
+//! | `aio_co_enter` / `aio_co_schedule` / `aio_co_wake` | [`aio::AioContext::co_enter`] / [`aio::AioContext::co_schedule`], [`coroutine::RemoteCoroutine::schedule`] / [`Coroutine::wake`], [`Coroutine::remote`], [`Coroutine::waker`] |
+//! | `aio_co_reschedule_self` | `unsafe` [`coroutine::reschedule_self`] |
+//! | `qemu_coroutine_get_aio_context` | [`Coroutine::aio_context`] |
+//! | coroutine owned by its context | [`Coroutine::detach`] |
+//! | `qemu_co_sleep_ns` | [`coroutine::sleep`]; [`coroutine::yield_now`] |
+//! | `AIO_WAIT_WHILE`, `aio_wait_kick` | [`aio::AioContext::poll_while`], [`aio::wait_kick`] |
+//! | IOThread | [`aio::IoThread::spawn`], [`aio::IoThreadBuilder`] (poll params), `stop()` |
+//! | `aio_get_thread_pool`, `thread_pool_submit_co/aio` | [`aio::AioContext::thread_pool`]: [`submit_co`](aio::ThreadPool::submit_co), [`submit`](aio::ThreadPool::submit) |
 //!
 //! # Threads
 //!
@@ -106,6 +131,34 @@
 //! borrows), so a coroutine never changes thread: [`Coroutine`] handles are
 //! `!Send`. Pools are per thread; only bare stacks are shared between
 //! threads.
+//!
+//! An [`aio::AioContext`] handle is `Send + Sync`, but the context has a
+//! home thread: only that thread polls it and runs its callbacks and
+//! coroutines (calls from elsewhere panic, naming the call). Other threads
+//! schedule bottom halves, wake coroutines through
+//! [`coroutine::RemoteCoroutine`] or a `Waker`, and notify it. A coroutine
+//! created where a context runs belongs to that context: wakes from any
+//! thread queue it there.
+//!
+//! ```
+//! use coroloop::{aio::IoThread, coroutine, Coroutine};
+//! use std::sync::mpsc;
+//!
+//! let io = IoThread::spawn("io")?;
+//! let (tx, rx) = mpsc::channel();
+//! io.context().bh_schedule_oneshot(move || {
+//!     // On the IoThread: this coroutine belongs to its context.
+//!     let co = Coroutine::new(move || {
+//!         coroutine::sleep(std::time::Duration::from_millis(1));
+//!         tx.send(std::thread::current().name().map(String::from)).unwrap();
+//!     });
+//!     co.enter();
+//!     co.detach(); // the context owns it now
+//! });
+//! assert_eq!(rx.recv().unwrap().as_deref(), Some("io"));
+//! io.stop();
+//! # std::io::Result::Ok(())
+//! ```
 //!
 //! # Platform
 //!
