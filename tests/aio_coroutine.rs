@@ -389,3 +389,41 @@ fn prepare_pending_dispatch_drive_the_context() {
     assert!(ctx.dispatch());
     assert_eq!(runs.load(Ordering::Relaxed), 1);
 }
+
+#[test]
+fn reschedule_self_moves_a_detached_coroutine_to_another_iothread() {
+    let a = IoThread::spawn("from").unwrap();
+    let b = IoThread::spawn("to").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = b.context().clone();
+    a.context().bh_schedule_oneshot(move || {
+        let co = Coroutine::new(move || {
+            let before = std::thread::current().name().map(String::from);
+            // SAFETY: the stack holds only Send values, and the coroutine is
+            // detached: no handle of it is used while it moves.
+            unsafe { coroutine::reschedule_self(&target) };
+            let after = std::thread::current().name().map(String::from);
+            // It now lives on the new context: its timers work there.
+            coroutine::sleep(Duration::from_millis(1));
+            let still = std::thread::current().name().map(String::from);
+            tx.send((before, after, still)).unwrap();
+        });
+        let remote = co.remote();
+        co.detach();
+        remote.wake(); // start it from the context's queue
+    });
+    let (before, after, still) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert_eq!(before.as_deref(), Some("from"));
+    assert_eq!(after.as_deref(), Some("to"));
+    assert_eq!(still.as_deref(), Some("to"));
+    // Ownership moved along: neither context still owns it once finished.
+    for io in [&a, &b] {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = io.context().clone();
+        io.context()
+            .bh_schedule_oneshot(move || tx.send(c.detached_count()).unwrap());
+        assert_eq!(rx.recv().unwrap(), 0);
+    }
+    a.stop();
+    b.stop();
+}

@@ -549,6 +549,10 @@ impl AioContext {
         self.timeout_ns() == Some(0) || self.inner.notify_core.is_notified() || {
             let mut ready = Vec::new();
             let _ = self.inner.monitor.wait(Some(Duration::ZERO), &mut ready);
+            if let Some(i) = ready.iter().position(|r| r.key == NOTIFY_KEY) {
+                ready.swap_remove(i);
+                self.inner.notify_core.drained();
+            }
             // Level-triggered: what is ready now is still ready in dispatch.
             !ready.is_empty()
         }
