@@ -100,12 +100,39 @@ impl FdMonitor for Epoll {
             flags: epoll::EventFlags::empty(),
             data: epoll::EventData::new_u64(0),
         }; 64];
-        let ts = timeout.map(|d| rustix::time::Timespec {
-            tv_sec: d.as_secs().min(i64::MAX as u64) as _,
-            tv_nsec: d.subsec_nanos() as _,
-        });
+        // epoll_wait has millisecond resolution. For a finite, non-zero
+        // timeout, first sleep in ppoll(2) on the epoll fd itself, which
+        // takes nanoseconds, then harvest with a zero-timeout epoll_wait
+        // (QEMU's fdmon-epoll does the same). epoll_pwait2 would do it in
+        // one call, but seccomp filters and valgrind still reject it.
+        if let Some(d) = timeout.filter(|d| !d.is_zero()) {
+            let ts = rustix::time::Timespec {
+                tv_sec: d.as_secs().min(i64::MAX as u64) as _,
+                tv_nsec: d.subsec_nanos() as _,
+            };
+            let mut pfd = [rustix::event::PollFd::from_borrowed_fd(
+                self.epfd.as_fd(),
+                rustix::event::PollFlags::IN,
+            )];
+            loop {
+                match rustix::event::poll(&mut pfd, Some(&ts)) {
+                    Ok(0) => return Ok(()),
+                    Ok(_) => break,
+                    Err(rustix::io::Errno::INTR) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        let zero = rustix::time::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let ts = match timeout {
+            None => None,
+            Some(_) => Some(&zero),
+        };
         let n = loop {
-            match epoll::wait(&self.epfd, &mut events[..], ts.as_ref()) {
+            match epoll::wait(&self.epfd, &mut events[..], ts) {
                 Ok(n) => break n,
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
