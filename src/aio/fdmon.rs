@@ -114,23 +114,18 @@ impl FdMonitor for Epoll {
                 self.epfd.as_fd(),
                 rustix::event::PollFlags::IN,
             )];
-            loop {
-                match rustix::event::poll(&mut pfd, Some(&ts)) {
-                    Ok(0) => return Ok(()),
-                    Ok(_) => break,
-                    Err(rustix::io::Errno::INTR) => return Ok(()),
-                    Err(e) => return Err(e.into()),
-                }
+            match rustix::event::poll(&mut pfd, Some(&ts)) {
+                // Timed out, or a signal: nothing ready (a spurious wake).
+                Ok(0) | Err(rustix::io::Errno::INTR) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
             }
         }
         let zero = rustix::time::Timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        let ts = match timeout {
-            None => None,
-            Some(_) => Some(&zero),
-        };
+        let ts = timeout.map(|_| &zero);
         let n = loop {
             match epoll::wait(&self.epfd, &mut events[..], ts) {
                 Ok(n) => break n,
