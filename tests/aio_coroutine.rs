@@ -427,3 +427,31 @@ fn reschedule_self_moves_a_detached_coroutine_to_another_iothread() {
     a.stop();
     b.stop();
 }
+
+#[test]
+fn shutdown_unwinds_owned_coroutines_even_when_they_hold_the_context() {
+    let ctx = AioContext::new().unwrap();
+    let drops = Rc::new(Cell::new(0));
+    struct D(Rc<Cell<u32>>);
+    impl Drop for D {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() + 1);
+        }
+    }
+    for _ in 0..3 {
+        let d = D(drops.clone());
+        let co = Coroutine::new(move || {
+            let _d = d;
+            // Holds a Timer (and so the context) while it sleeps.
+            coroutine::sleep(Duration::from_secs(3600));
+        });
+        co.enter();
+        co.detach();
+    }
+    assert_eq!(ctx.detached_count(), 3);
+    ctx.shutdown();
+    assert_eq!(drops.get(), 3, "all three unwound");
+    assert_eq!(ctx.detached_count(), 0);
+    assert!(!ctx.poll(false), "nothing left to run");
+    ctx.shutdown(); // idempotent
+}

@@ -594,9 +594,21 @@ impl AioContext {
             .get_or_init(|| ThreadPool::new(Arc::downgrade(&self.inner)))
     }
 
-    /// Tears the home-thread state down: unwinds detached coroutines,
-    /// drops handlers, timers and pending BHs. Home thread; idempotent.
-    pub(crate) fn shutdown(&self) {
+    /// Tears the context down on its home thread: unwinds the coroutines it
+    /// owns ([`Coroutine::detach`]), drops its fd handlers' callbacks, its
+    /// timers and pending bottom halves. Afterwards `poll` has nothing to
+    /// run and new work is dropped. Idempotent. [`IoThread::stop`] calls it.
+    ///
+    /// Dropping the last handle on the home thread does the same, but
+    /// handles held by the context's own callbacks or coroutines (a `Timer`
+    /// or `Bh` captured by a detached coroutine) keep it alive: call
+    /// `shutdown` to end such a context deterministically.
+    ///
+    /// # Panics
+    ///
+    /// Off the home thread.
+    #[track_caller]
+    pub fn shutdown(&self) {
         self.inner.assert_home("AioContext::shutdown");
         if self.inner.dead.load(Ordering::Acquire) {
             return;
