@@ -392,8 +392,10 @@ impl AioContext {
         if local.poll_started.replace(false) {
             local.handlers.poll_started(false);
         }
-        // A non-blocking poll asks the kernel only if some fd cannot be
-        // checked by its io_poll hook (or none exists at all to check).
+        // A poll that will not sleep skips the kernel when no fd could be
+        // ready: none is watched, or busy polling already found work and
+        // every handler has an io_poll hook (QEMU's "non-blocking aio_poll
+        // does not need the system call").
         let need_kernel = timeout != Some(0)
             || local.handlers.unpollable.get() > 0
             || (ready.is_empty() && !local.handlers.is_empty());
@@ -402,8 +404,6 @@ impl AioContext {
             if let Err(e) = inner.monitor.wait(d, &mut ready) {
                 log::error!("coroloop: AioContext::poll: epoll_wait failed: {e}");
             }
-        } else if ready.is_empty() && !local.handlers.is_empty() {
-            local.handlers.poll_once(self, &mut ready);
         }
         if use_notify_me {
             inner.notify_core.finish_block();
