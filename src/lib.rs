@@ -171,6 +171,8 @@
 
 pub mod aio;
 pub mod coroutine;
+pub mod io;
 mod loom;
+pub mod sync;
 
 pub use coroutine::Coroutine;

@@ -78,6 +78,11 @@ thread_local! {
     static HOME_DEFAULT: RefCell<Option<Weak<Inner>>> = const { RefCell::new(None) };
 }
 
+/// This thread's serial (see `THREAD_SERIAL`).
+pub(crate) fn thread_serial_pub() -> u64 {
+    thread_serial()
+}
+
 fn thread_serial() -> u64 {
     THREAD_SERIAL.with(|s| {
         let v = s.get();

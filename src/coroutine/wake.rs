@@ -89,6 +89,15 @@ impl RemoteCoroutine {
         res.queue(self.r.clone(), CoReqKind::Schedule);
     }
 
+    /// A handle, if called on the coroutine's home thread (the caller
+    /// checked) and the coroutine is still current.
+    pub(crate) fn upgrade_home(&self) -> Option<Coroutine<Erased>> {
+        // SAFETY: the only caller (`sync::waitq`) runs this on the thread
+        // whose serial it recorded when the coroutine was current there,
+        // i.e. the coroutine's home thread.
+        unsafe { self.r.upgrade() }
+    }
+
     /// Whether the coroutine finished (or was unwound).
     pub fn is_finished(&self) -> bool {
         !self.r.is_current()

@@ -1,0 +1,295 @@
+//! Coroutine I/O (QEMU's `util/qemu-coroutine-io.c` and
+//! `yield_until_fd_readable`): wait for fds by suspending the coroutine,
+//! so ordinary blocking-style code runs without blocking its thread.
+//!
+//! [`CoFd`] implements `std::io::Read` and `Write` by suspending on
+//! `WouldBlock`, so synchronous libraries (`std::io::copy`, `BufRead`
+//! line readers, serde readers) work inside coroutines.
+
+use std::cell::Cell;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::rc::Rc;
+
+use crate::Coroutine;
+
+fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
+    let Some(me) = Coroutine::current() else {
+        panic!("{api} called outside a coroutine");
+    };
+    let Some(ctx) = me.aio_context() else {
+        return Err(io::Error::other(format!(
+            "{api}: the coroutine has no AioContext to watch the fd"
+        )));
+    };
+    let ready = Rc::new(Cell::new(false));
+    let r = ready.clone();
+    let remote = me.remote();
+    drop(me);
+    let cb: crate::aio::IoHandler = Box::new(move || {
+        if !r.replace(true) {
+            if let Some(co) = remote.upgrade_home() {
+                co.wake();
+            }
+        }
+    });
+    let (read_cb, write_cb) = if write {
+        (None, Some(cb))
+    } else {
+        (Some(cb), None)
+    };
+    // SAFETY: `fd` is borrowed for the whole call and the handler is
+    // dropped (unregistered) before this function returns or unwinds.
+    let handler =
+        unsafe { ctx.set_fd_handler_raw(fd.as_fd().as_raw_fd(), false, read_cb, write_cb, None)? };
+    while !ready.get() {
+        crate::coroutine::suspend();
+    }
+    drop(handler);
+    Ok(())
+}
+
+/// Suspends the current coroutine until `fd` is readable (or hung up),
+/// using its AioContext (QEMU's `yield_until_fd_readable`).
+///
+/// # Errors
+///
+/// If the coroutine has no AioContext, or the fd cannot be watched
+/// (already watched by this context, a regular file).
+///
+/// # Panics
+///
+/// Outside a coroutine.
+#[track_caller]
+pub fn yield_until_fd_readable(fd: &impl AsFd) -> io::Result<()> {
+    wait_fd(fd, false, "io::yield_until_fd_readable")
+}
+
+/// Suspends the current coroutine until `fd` is writable.
+///
+/// # Errors
+///
+/// As [`yield_until_fd_readable`].
+///
+/// # Panics
+///
+/// Outside a coroutine.
+#[track_caller]
+pub fn yield_until_fd_writable(fd: &impl AsFd) -> io::Result<()> {
+    wait_fd(fd, true, "io::yield_until_fd_writable")
+}
+
+/// Receives into `bufs` from socket `fd` until they are full, the peer
+/// closes, or an error (QEMU's `qemu_co_recvv`). Returns the bytes
+/// received: fewer than asked only at end of stream, or if an error came
+/// after some data (the error is then dropped, as QEMU reports partial
+/// progress).
+///
+/// # Errors
+///
+/// The socket error if nothing was received.
+///
+/// # Panics
+///
+/// Outside a coroutine.
+#[doc(alias = "qemu_co_recvv")]
+#[track_caller]
+pub fn co_recvv(fd: &impl AsFd, mut bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+    let mut done = 0;
+    while bufs.iter().any(|b| !b.is_empty()) {
+        let r = rustix::net::recvmsg(
+            fd,
+            bufs,
+            &mut Default::default(),
+            rustix::net::RecvFlags::DONTWAIT,
+        );
+        match r {
+            Ok(msg) if msg.bytes == 0 => break, // end of stream
+            Ok(msg) => {
+                done += msg.bytes;
+                IoSliceMut::advance_slices(&mut bufs, msg.bytes);
+            }
+            Err(rustix::io::Errno::AGAIN) => yield_until_fd_readable(fd)?,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) if done == 0 => return Err(e.into()),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
+/// Sends all of `bufs` on socket `fd` (QEMU's `qemu_co_sendv`); returns the
+/// bytes sent, fewer only if an error came after some were sent.
+///
+/// # Errors
+///
+/// The socket error (e.g. `EPIPE` after the peer closed) if nothing was
+/// sent.
+///
+/// # Panics
+///
+/// Outside a coroutine.
+#[doc(alias = "qemu_co_sendv")]
+#[track_caller]
+pub fn co_sendv(fd: &impl AsFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let mut done = 0;
+    while done < total {
+        // Rebuild the remaining slices (sendmsg may stop mid-buffer).
+        let mut skip = done;
+        let mut rest: Vec<IoSlice<'_>> = Vec::with_capacity(bufs.len());
+        for b in bufs {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            rest.push(IoSlice::new(&b[skip..]));
+            skip = 0;
+        }
+        let r = rustix::net::sendmsg(
+            fd,
+            &rest,
+            &mut Default::default(),
+            rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL,
+        );
+        match r {
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::AGAIN) => yield_until_fd_writable(fd)?,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) if done == 0 => return Err(e.into()),
+            Err(_) => break,
+        }
+    }
+    Ok(done)
+}
+
+/// [`co_recvv`] with one buffer (QEMU's `qemu_co_recv`).
+///
+/// # Errors
+///
+/// As [`co_recvv`].
+#[doc(alias = "qemu_co_recv")]
+#[track_caller]
+pub fn co_recv(fd: &impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    co_recvv(fd, &mut [IoSliceMut::new(buf)])
+}
+
+/// [`co_sendv`] with one buffer (QEMU's `qemu_co_send`).
+///
+/// # Errors
+///
+/// As [`co_sendv`].
+#[doc(alias = "qemu_co_send")]
+#[track_caller]
+pub fn co_send(fd: &impl AsFd, buf: &[u8]) -> io::Result<usize> {
+    co_sendv(fd, &[IoSlice::new(buf)])
+}
+
+/// An fd whose `std::io::Read` / `Write` suspend the current coroutine
+/// instead of blocking the thread. `new` puts the fd in non-blocking mode
+/// (which affects every duplicate of it).
+///
+/// Outside a coroutine, reads and writes that would block return
+/// `WouldBlock`, as on any non-blocking fd.
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::{aio::AioContext, io::CoFd, Coroutine};
+/// use std::io::{BufRead, BufReader, Write};
+/// use std::os::unix::net::UnixStream;
+///
+/// let ctx = AioContext::new()?;
+/// let (a, b) = UnixStream::pair()?;
+/// let reader = Coroutine::new(move || {
+///     let lines = BufReader::new(CoFd::new(a).unwrap()).lines();
+///     lines.map(|l| l.unwrap()).collect::<Vec<_>>()
+/// });
+/// reader.enter(); // suspends: nothing to read yet
+/// let writer = Coroutine::new(move || {
+///     let mut w = CoFd::new(b).unwrap();
+///     w.write_all(b"one\ntwo\n").unwrap();
+/// }); // dropping the writer closes the socket: EOF for the reader
+/// writer.enter();
+/// drop(writer);
+/// ctx.poll_while(|| !reader.is_finished());
+/// assert_eq!(reader.take_result().unwrap(), ["one", "two"]);
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Debug)]
+pub struct CoFd<T: AsFd> {
+    inner: T,
+}
+
+impl<T: AsFd> CoFd<T> {
+    /// Wraps `inner`, setting its fd non-blocking.
+    ///
+    /// # Errors
+    ///
+    /// If `fcntl` fails.
+    pub fn new(inner: T) -> io::Result<CoFd<T>> {
+        let fd = inner.as_fd();
+        let flags = rustix::fs::fcntl_getfl(fd)?;
+        rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+        Ok(CoFd { inner })
+    }
+
+    /// The wrapped value.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    /// Unwraps (the fd stays non-blocking).
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
+    fn retry<R>(
+        &self,
+        write: bool,
+        mut op: impl FnMut(&T) -> rustix::io::Result<R>,
+    ) -> io::Result<R> {
+        loop {
+            match op(&self.inner) {
+                Ok(r) => return Ok(r),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) if crate::coroutine::in_coroutine() => wait_fd(
+                    &self.inner,
+                    write,
+                    if write { "CoFd::write" } else { "CoFd::read" },
+                )?,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl<T: AsFd> Read for CoFd<T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.retry(false, |f| rustix::io::read(f, &mut *buf))
+    }
+
+    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        self.retry(false, |f| rustix::io::readv(f, &mut *bufs))
+    }
+}
+
+impl<T: AsFd> Write for CoFd<T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.retry(true, |f| rustix::io::write(f, buf))
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.retry(true, |f| rustix::io::writev(f, bufs))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<T: AsFd> AsFd for CoFd<T> {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.as_fd()
+    }
+}

@@ -1,0 +1,126 @@
+//! The waiter records and FIFO queue the coroutine locks share.
+//!
+//! A waiter is an `Arc<Waiter>` with its own grant state: whoever hands a
+//! waiter the lock (or a queue wake-up) sets `granted` *under the queue's
+//! mutex* and wakes it *after* releasing the mutex. The waiting side loops
+//! until `granted` is set, so a stray wake-up (stale waker, remote wake)
+//! only makes it check again. A waiter that goes away while queued (its
+//! coroutine is unwound) removes itself under the mutex; one that was
+//! already granted passes what it was granted on ([`WaitGuard`]).
+//!
+//! This file knows nothing about coroutines: the wake-up action is a
+//! closure, so loom can drive the queue with plain threads.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::loom::sync::atomic::{AtomicBool, Ordering};
+
+/// One waiting party.
+pub(crate) struct Waiter {
+    granted: AtomicBool,
+    /// What the waiter waits for (locks with modes use it: true = writer).
+    pub(crate) exclusive: bool,
+    wake: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Waiter {
+    pub(crate) fn new(exclusive: bool, wake: Box<dyn Fn() + Send + Sync>) -> Arc<Waiter> {
+        Arc::new(Waiter {
+            granted: AtomicBool::new(false),
+            exclusive,
+            wake,
+        })
+    }
+
+    /// Whether it was granted. Acquire: pairs with `grant`'s release, so
+    /// the previous owner's writes to the protected data are visible.
+    #[inline]
+    pub(crate) fn is_granted(&self) -> bool {
+        self.granted.load(Ordering::Acquire)
+    }
+
+    /// Grants the waiter (call under the queue's mutex), returning it so
+    /// the caller can wake it after the mutex is released.
+    pub(crate) fn grant(self: &Arc<Self>) -> Arc<Waiter> {
+        self.granted.store(true, Ordering::Release);
+        self.clone()
+    }
+
+    /// Runs the wake-up action (outside the queue's mutex).
+    pub(crate) fn wake(&self) {
+        (self.wake)();
+    }
+}
+
+/// FIFO of waiters; always used under its owner's mutex.
+#[derive(Default)]
+pub(crate) struct WaitList {
+    q: VecDeque<Arc<Waiter>>,
+}
+
+impl WaitList {
+    pub(crate) fn push(&mut self, w: Arc<Waiter>) {
+        self.q.push_back(w);
+    }
+
+    pub(crate) fn pop(&mut self) -> Option<Arc<Waiter>> {
+        self.q.pop_front()
+    }
+
+    pub(crate) fn front(&self) -> Option<&Arc<Waiter>> {
+        self.q.front()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.q.is_empty()
+    }
+
+    /// Removes `w` if still queued; returns whether it was.
+    pub(crate) fn remove(&mut self, w: &Arc<Waiter>) -> bool {
+        match self.q.iter().position(|x| Arc::ptr_eq(x, w)) {
+            Some(i) => {
+                self.q.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Wakes the waiters collected under a mutex once it is released.
+#[derive(Default)]
+pub(crate) struct WakeList(Vec<Arc<Waiter>>);
+
+impl WakeList {
+    pub(crate) fn push(&mut self, w: Arc<Waiter>) {
+        self.0.push(w);
+    }
+
+    pub(crate) fn wake_all(self) {
+        for w in self.0 {
+            w.wake();
+        }
+    }
+}
+
+/// The coroutine wake-up action: on the coroutine's home thread it is
+/// QEMU's `aio_co_wake` (append to the current coroutine's wake-up list,
+/// or enter at once outside coroutines); from another thread it queues the
+/// coroutine on its AioContext.
+pub(crate) fn wake_current_coroutine(api: &'static str) -> Box<dyn Fn() + Send + Sync> {
+    let Some(co) = crate::Coroutine::current() else {
+        panic!("{api} called outside a coroutine");
+    };
+    let remote = co.remote();
+    let home = crate::aio::thread_serial_pub();
+    Box::new(move || {
+        if crate::aio::thread_serial_pub() == home {
+            if let Some(co) = remote.upgrade_home() {
+                co.wake();
+            }
+        } else {
+            remote.wake();
+        }
+    })
+}
