@@ -14,9 +14,18 @@
 //!   the loop is awake), coroutines scheduled and woken from any thread,
 //!   `IoThread`s and a per-context thread pool.
 //!
-//! Planned, in this order: the coroutine locks (CoMutex, CoQueue,
-//! CoRwLock, CoSleep), coroutine I/O, bridges with Rust futures and smol,
-//! and io_uring / Linux AIO file I/O.
+//! * [`sync`]: the coroutine locks — [`sync::CoMutex`] (fair hand-off,
+//!   one compare-exchange each way uncontended), [`sync::CoQueue`],
+//!   [`sync::CoRwLock`] (QEMU's tickets, upgrade/downgrade),
+//!   [`sync::CoSleep`] — usable across threads, robust to stray wakes and
+//!   to waiters being unwound.
+//! * [`io`]: coroutine fd I/O — `yield_until_fd_readable`, `co_send(v)` /
+//!   `co_recv(v)`, and [`io::CoFd`], whose `Read`/`Write` suspend instead
+//!   of blocking, so synchronous code (`std::io::copy`, `BufRead`) runs
+//!   inside coroutines.
+//!
+//! Planned, in this order: bridges with Rust futures and smol, and
+//! io_uring / Linux AIO file I/O.
 //!
 //! # Example
 //!
@@ -124,6 +133,12 @@
 //! | `AIO_WAIT_WHILE`, `aio_wait_kick` | [`aio::AioContext::poll_while`], [`aio::wait_kick`] |
 //! | IOThread | [`aio::IoThread::spawn`], [`aio::IoThreadBuilder`] (poll params), `stop()` |
 //! | `aio_get_thread_pool`, `thread_pool_submit_co/aio` | [`aio::AioContext::thread_pool`]: [`submit_co`](aio::ThreadPool::submit_co), [`submit`](aio::ThreadPool::submit) |
+//! | `CoMutex` init/lock/unlock | [`sync::CoMutex::new`], [`lock`](sync::CoMutex::lock) → guard (unlock on drop), [`try_lock`](sync::CoMutex::try_lock) |
+//! | `CoQueue` wait/next/restart_all/enter_next/enter_all/empty | [`sync::CoQueue`]: [`wait`](sync::CoQueue::wait), [`wait_unlocked`](sync::CoQueue::wait_unlocked), [`next`](sync::CoQueue::next), [`restart_all`](sync::CoQueue::restart_all), [`enter_next`](sync::CoQueue::enter_next), [`enter_all`](sync::CoQueue::enter_all), [`is_empty`](sync::CoQueue::is_empty) |
+//! | `CoRwlock` rdlock/wrlock/upgrade/downgrade/unlock | [`sync::CoRwLock`]: [`read`](sync::CoRwLock::read), [`write`](sync::CoRwLock::write), [`upgrade`](sync::CoRwLock::upgrade), [`downgrade`](sync::CoRwLock::downgrade) |
+//! | `QemuCoSleep`, `qemu_co_sleep_ns_wakeable`, `qemu_co_sleep_wake` | [`sync::CoSleep`]: [`sleep`](sync::CoSleep::sleep), [`sleep_for`](sync::CoSleep::sleep_for), [`wake`](sync::CoSleep::wake) |
+//! | `yield_until_fd_readable` | [`io::yield_until_fd_readable`], [`io::yield_until_fd_writable`] |
+//! | `qemu_co_sendv_recvv`, `qemu_co_send/recv(v)` | [`io::co_sendv`], [`io::co_recvv`], [`io::co_send`], [`io::co_recv`]; [`io::CoFd`] |
 //!
 //! # Threads
 //!
