@@ -13,7 +13,10 @@ use super::{AioContext, Inner, HOME_DEFAULT, RUNNING};
 use crate::coroutine::{CoReqKind, Coroutine, Erased, RemoteRef, Resumer};
 
 pub(crate) struct CoQueue {
+    /// Requests from other threads.
     queue: ConcurrentQueue<(RemoteRef, CoReqKind)>,
+    /// Requests made on the home thread (no atomics on the queue itself).
+    local: std::cell::RefCell<std::collections::VecDeque<(RemoteRef, CoReqKind)>>,
     resumer: OnceLock<Arc<CtxResumer>>,
 }
 
@@ -21,6 +24,7 @@ impl CoQueue {
     pub(crate) fn new() -> CoQueue {
         CoQueue {
             queue: ConcurrentQueue::unbounded(),
+            local: Default::default(),
             resumer: OnceLock::new(),
         }
     }
@@ -31,8 +35,18 @@ impl CoQueue {
         }));
     }
 
+    /// Home thread only (reads the local queue).
     pub(crate) fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.queue.is_empty() && self.local.borrow().is_empty()
+    }
+
+    /// Queues a request; `home`: the caller is on the home thread.
+    fn push(&self, req: (RemoteRef, CoReqKind), home: bool) {
+        if home {
+            self.local.borrow_mut().push_back(req);
+        } else {
+            let _ = self.queue.push(req);
+        }
     }
 }
 
@@ -47,8 +61,9 @@ impl Resumer for CtxResumer {
         let Some(inner) = self.inner.upgrade() else {
             return; // the context is gone; so is the coroutine's driver
         };
-        let _ = inner.co.queue.push((co, kind));
-        if !inner.is_home() {
+        let home = inner.is_home();
+        inner.co.push((co, kind), home);
+        if !home {
             inner.notify();
         }
     }
@@ -91,39 +106,50 @@ pub(crate) fn thread_default_resumer() -> Option<Arc<dyn Resumer>> {
 /// Enters the coroutines queued when the pass started; returns whether any
 /// was entered. A panicking coroutine unwinds out; the rest stay queued.
 pub(crate) fn run_queue(ctx: &AioContext) -> bool {
-    let q = &ctx.inner.co.queue;
-    let n = q.len();
+    let co = &ctx.inner.co;
+    let n_remote = co.queue.len();
+    let n_local = co.local.borrow().len();
     let mut progress = false;
-    for _ in 0..n {
-        let Ok((r, kind)) = q.pop() else { break };
-        let h = r.header();
-        let flag = match kind {
-            CoReqKind::Schedule => &h.scheduled,
-            CoReqKind::Wake => &h.woken,
+    for i in 0..n_remote + n_local {
+        let req = if i < n_remote {
+            co.queue.pop().ok()
+        } else {
+            co.local.borrow_mut().pop_front()
         };
-        // SAFETY: we are on the home thread (poll checked it), which is
-        // the coroutine's home thread: its resumer is this context.
-        let Some(co) = (unsafe { r.upgrade() }) else {
-            continue; // finished, unwound or recycled: a stale request
-        };
-        if co.is_entered() {
-            // Running further up this thread's call chain (a nested poll):
-            // it will run again when it suspends; keep the request.
-            let _ = q.push((r, kind));
-            continue;
-        }
-        // Clear with an RMW (see `WakeFlag`): a waker that found it set
-        // relies on this entry.
-        flag.release();
-        progress = true;
-        co.enter();
+        let Some((r, kind)) = req else { continue };
+        progress |= run_one(co, r, kind);
     }
     progress
+}
+
+fn run_one(q: &CoQueue, r: RemoteRef, kind: CoReqKind) -> bool {
+    let h = r.header();
+    let flag = match kind {
+        CoReqKind::Schedule => &h.scheduled,
+        CoReqKind::Wake => &h.woken,
+    };
+    // SAFETY: we are on the home thread (poll checked it), which is the
+    // coroutine's home thread: its resumer is this context.
+    let Some(co) = (unsafe { r.upgrade() }) else {
+        return false; // finished, unwound or recycled: a stale request
+    };
+    if co.is_entered() {
+        // Running further up this thread's call chain (a nested poll): it
+        // will run again when it suspends; keep the request.
+        q.push((r, kind), true);
+        return false;
+    }
+    // Clear with an RMW (see `WakeFlag`): a waker that found it set relies
+    // on this entry.
+    flag.release();
+    co.enter();
+    true
 }
 
 /// Drops queued requests at shutdown.
 pub(crate) fn clear_queue(ctx: &AioContext) {
     while ctx.inner.co.queue.pop().is_ok() {}
+    ctx.inner.co.local.borrow_mut().clear();
 }
 
 impl AioContext {
@@ -192,7 +218,7 @@ impl AioContext {
         if !r.header().scheduled.claim() {
             panic!("AioContext::co_schedule: coroutine was already scheduled");
         }
-        let _ = self.inner.co.queue.push((r, CoReqKind::Schedule));
+        self.inner.co.push((r, CoReqKind::Schedule), true);
     }
 
     /// Number of coroutines this context owns ([`Coroutine::detach`]).

@@ -311,7 +311,10 @@ mod tests_loom {
     use loom::sync::atomic::AtomicUsize as Counter;
 
     fn waiter() -> Arc<Waiter> {
-        Waiter::new(true, Box::new(|| {}))
+        Waiter::new(
+            true,
+            super::super::waitq::WakeTarget::Custom(Box::new(|| {})),
+        )
     }
 
     /// Lock, spinning (loom yields) while queued; returns after the

@@ -16,16 +16,29 @@ use std::sync::Arc;
 
 use crate::loom::sync::atomic::{AtomicBool, Ordering};
 
+/// How to wake a waiter.
+pub(crate) enum WakeTarget {
+    /// A coroutine: QEMU's `aio_co_wake` on its home thread (wake-up list
+    /// or enter now), a queued wake on its context from other threads.
+    Coroutine {
+        home: u64,
+        remote: crate::coroutine::RemoteCoroutine,
+    },
+    /// Anything else (the loom models).
+    #[allow(dead_code)]
+    Custom(Box<dyn Fn() + Send + Sync>),
+}
+
 /// One waiting party.
 pub(crate) struct Waiter {
     granted: AtomicBool,
     /// What the waiter waits for (locks with modes use it: true = writer).
     pub(crate) exclusive: bool,
-    wake: Box<dyn Fn() + Send + Sync>,
+    wake: WakeTarget,
 }
 
 impl Waiter {
-    pub(crate) fn new(exclusive: bool, wake: Box<dyn Fn() + Send + Sync>) -> Arc<Waiter> {
+    pub(crate) fn new(exclusive: bool, wake: WakeTarget) -> Arc<Waiter> {
         Arc::new(Waiter {
             granted: AtomicBool::new(false),
             exclusive,
@@ -49,7 +62,18 @@ impl Waiter {
 
     /// Runs the wake-up action (outside the queue's mutex).
     pub(crate) fn wake(&self) {
-        (self.wake)();
+        match &self.wake {
+            WakeTarget::Coroutine { home, remote } => {
+                if crate::aio::thread_serial_pub() == *home {
+                    if let Some(co) = remote.upgrade_home() {
+                        co.wake();
+                    }
+                } else {
+                    remote.wake();
+                }
+            }
+            WakeTarget::Custom(f) => f(),
+        }
     }
 }
 
@@ -108,19 +132,12 @@ impl WakeList {
 /// QEMU's `aio_co_wake` (append to the current coroutine's wake-up list,
 /// or enter at once outside coroutines); from another thread it queues the
 /// coroutine on its AioContext.
-pub(crate) fn wake_current_coroutine(api: &'static str) -> Box<dyn Fn() + Send + Sync> {
+pub(crate) fn wake_current_coroutine(api: &'static str) -> WakeTarget {
     let Some(co) = crate::Coroutine::current() else {
         panic!("{api} called outside a coroutine");
     };
-    let remote = co.remote();
-    let home = crate::aio::thread_serial_pub();
-    Box::new(move || {
-        if crate::aio::thread_serial_pub() == home {
-            if let Some(co) = remote.upgrade_home() {
-                co.wake();
-            }
-        } else {
-            remote.wake();
-        }
-    })
+    WakeTarget::Coroutine {
+        home: crate::aio::thread_serial_pub(),
+        remote: co.remote(),
+    }
 }
