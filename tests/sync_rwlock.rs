@@ -3,7 +3,7 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use coroloop::aio::{AioContext, ClockType};
 use coroloop::coroutine::{self, Coroutine};
@@ -140,16 +140,19 @@ fn co_sleep_wake_and_timeout() {
     let ctx = AioContext::new().unwrap();
     let s = Arc::new(CoSleep::new());
     let s2 = s.clone();
-    let co = Coroutine::new(move || s2.sleep_for(ClockType::Realtime, Duration::from_millis(20)));
+    // The virtual clock makes the timeout deterministic.
+    let co = Coroutine::new(move || s2.sleep_for(ClockType::Virtual, Duration::from_micros(20)));
     co.enter();
     // Stray wakes do not end it.
     co.wake();
     co.remote().wake();
     ctx.poll(false);
     assert!(!co.is_finished());
-    let start = Instant::now();
+    ctx.advance_virtual_clock(19_999);
+    ctx.poll(false);
+    assert!(!co.is_finished(), "not yet due");
+    ctx.advance_virtual_clock(1);
     ctx.poll_while(|| !co.is_finished());
-    assert!(start.elapsed() >= Duration::from_millis(15));
     assert_eq!(co.take_result(), Some(false), "timed out, not woken");
     // Woken from another thread before the timeout.
     let s3 = s.clone();
