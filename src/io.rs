@@ -28,7 +28,9 @@ fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
     drop(me);
     let cb: crate::aio::IoHandler = Box::new(move || {
         if !r.replace(true) {
-            if let Some(co) = remote.upgrade_home() {
+            // SAFETY: fd handlers run on the context's home thread, which is
+            // the home thread of the coroutines it resumes.
+            if let Some(co) = unsafe { remote.upgrade_home() } {
                 co.wake();
             }
         }

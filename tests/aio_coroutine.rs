@@ -12,16 +12,8 @@ use std::time::{Duration, Instant};
 use coroloop::aio::{AioContext, IoThread};
 use coroloop::coroutine::{self, Coroutine, Erased};
 
-fn panic_message<R>(f: impl FnOnce() -> R) -> String {
-    let p = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(_) => panic!("expected a panic"),
-        Err(p) => p,
-    };
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_default()
-}
+mod common;
+use common::panic_message;
 
 // /aio/coroutine/queue-chaining: two coroutines enter each other 25,000
 // times through the wake-up lists; the stack must not grow.

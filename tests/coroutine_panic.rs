@@ -7,21 +7,17 @@ use std::rc::Rc;
 
 use coroloop::coroutine::{self, Coroutine};
 
+mod common;
+
+fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
+    common::payload_message(&*p)
+}
+
 /// Counts its drops into a shared cell.
 struct DropCount(Rc<Cell<u32>>);
 impl Drop for DropCount {
     fn drop(&mut self) {
         self.0.set(self.0.get() + 1);
-    }
-}
-
-fn panic_message(p: Box<dyn std::any::Any + Send>) -> String {
-    if let Some(s) = p.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "<non-string panic>".into()
     }
 }
 

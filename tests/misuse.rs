@@ -1,23 +1,10 @@
 //! Misuse of the coroutine API: each case panics with a message naming the
 //! call and what was wrong, and leaves the thread usable.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-
 use coroloop::coroutine::{self, Coroutine};
 
-fn panic_message<R>(f: impl FnOnce() -> R) -> String {
-    let p = match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(_) => panic!("expected a panic"),
-        Err(p) => p,
-    };
-    if let Some(s) = p.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = p.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "<non-string panic>".into()
-    }
-}
+mod common;
+use common::panic_message;
 
 fn still_usable() {
     let co = Coroutine::new(|| 1 + 1);

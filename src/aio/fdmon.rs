@@ -61,33 +61,24 @@ impl Epoll {
 
 impl FdMonitor for Epoll {
     fn add(&self, fd: BorrowedFd<'_>, key: u64, read: bool, write: bool) -> io::Result<()> {
-        epoll::add(
-            &self.epfd,
-            fd,
-            epoll::EventData::new_u64(key),
-            Self::flags(read, write),
-        )?;
-        Ok(())
+        let data = epoll::EventData::new_u64(key);
+        Ok(epoll::add(&self.epfd, fd, data, Self::flags(read, write))?)
     }
 
     fn add_notifier(&self, fd: BorrowedFd<'_>, key: u64) -> io::Result<()> {
-        epoll::add(
-            &self.epfd,
-            fd,
-            epoll::EventData::new_u64(key),
-            epoll::EventFlags::IN | epoll::EventFlags::ET,
-        )?;
-        Ok(())
+        let data = epoll::EventData::new_u64(key);
+        let flags = epoll::EventFlags::IN | epoll::EventFlags::ET;
+        Ok(epoll::add(&self.epfd, fd, data, flags)?)
     }
 
     fn modify(&self, fd: BorrowedFd<'_>, key: u64, read: bool, write: bool) -> io::Result<()> {
-        epoll::modify(
+        let data = epoll::EventData::new_u64(key);
+        Ok(epoll::modify(
             &self.epfd,
             fd,
-            epoll::EventData::new_u64(key),
+            data,
             Self::flags(read, write),
-        )?;
-        Ok(())
+        )?)
     }
 
     fn delete(&self, fd: BorrowedFd<'_>) -> io::Result<()> {

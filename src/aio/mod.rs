@@ -79,11 +79,7 @@ thread_local! {
 }
 
 /// This thread's serial (see `THREAD_SERIAL`).
-pub(crate) fn thread_serial_pub() -> u64 {
-    thread_serial()
-}
-
-fn thread_serial() -> u64 {
+pub(crate) fn thread_serial() -> u64 {
     THREAD_SERIAL.with(|s| {
         let v = s.get();
         if v != 0 {
@@ -151,7 +147,6 @@ pub(crate) struct Local {
     timers: timer::Timers,
     poll_ns: Cell<i64>,
     poll_started: Cell<bool>,
-    depth: Cell<u32>,
     /// Coroutines owned by this context (`Coroutine::detach`).
     pub(crate) detached: RefCell<HashMap<usize, Coroutine<Erased>>>,
 }
@@ -260,7 +255,6 @@ impl AioContext {
                 timers: timer::Timers::new(),
                 poll_ns: Cell::new(0),
                 poll_started: Cell::new(false),
-                depth: Cell::new(0),
                 detached: RefCell::new(HashMap::new()),
             })),
         });
@@ -647,8 +641,6 @@ struct RunningGuard {
 
 impl RunningGuard {
     fn enter(inner: &Inner) -> RunningGuard {
-        let local = inner.local();
-        local.depth.set(local.depth.get() + 1);
         RunningGuard {
             prev: RUNNING.with(|r| r.replace(inner)),
         }
@@ -657,11 +649,7 @@ impl RunningGuard {
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        let cur = RUNNING.with(|r| r.replace(self.prev));
-        // SAFETY: `cur` is the context `enter` installed; `poll` still
-        // holds it.
-        let local = unsafe { &*cur }.local();
-        local.depth.set(local.depth.get() - 1);
+        RUNNING.with(|r| r.set(self.prev));
     }
 }
 

@@ -89,12 +89,13 @@ impl RemoteCoroutine {
         res.queue(self.r.clone(), CoReqKind::Schedule);
     }
 
-    /// A handle, if called on the coroutine's home thread (the caller
-    /// checked) and the coroutine is still current.
-    pub(crate) fn upgrade_home(&self) -> Option<Coroutine<Erased>> {
-        // SAFETY: the only caller (`sync::waitq`) runs this on the thread
-        // whose serial it recorded when the coroutine was current there,
-        // i.e. the coroutine's home thread.
+    /// A handle, if the coroutine is still current.
+    ///
+    /// # Safety
+    ///
+    /// Must be called on the coroutine's home thread.
+    pub(crate) unsafe fn upgrade_home(&self) -> Option<Coroutine<Erased>> {
+        // SAFETY: forwarded from the caller.
         unsafe { self.r.upgrade() }
     }
 

@@ -64,8 +64,11 @@ impl Waiter {
     pub(crate) fn wake(&self) {
         match &self.wake {
             WakeTarget::Coroutine { home, remote } => {
-                if crate::aio::thread_serial_pub() == *home {
-                    if let Some(co) = remote.upgrade_home() {
+                if crate::aio::thread_serial() == *home {
+                    // SAFETY: `home` is the serial of the thread that made
+                    // this target from its running coroutine, and we are on
+                    // that thread.
+                    if let Some(co) = unsafe { remote.upgrade_home() } {
                         co.wake();
                     }
                 } else {
@@ -137,7 +140,7 @@ pub(crate) fn wake_current_coroutine(api: &'static str) -> WakeTarget {
         panic!("{api} called outside a coroutine");
     };
     WakeTarget::Coroutine {
-        home: crate::aio::thread_serial_pub(),
+        home: crate::aio::thread_serial(),
         remote: co.remote(),
     }
 }
