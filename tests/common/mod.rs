@@ -5,7 +5,7 @@ use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// The message of a panic payload (`&str` or `String`).
-pub fn payload_message(p: &(dyn Any + Send)) -> String {
+pub(crate) fn payload_message(p: &(dyn Any + Send)) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -16,7 +16,7 @@ pub fn payload_message(p: &(dyn Any + Send)) -> String {
 }
 
 /// Runs `f`, which must panic, and returns its message.
-pub fn panic_message<R>(f: impl FnOnce() -> R) -> String {
+pub(crate) fn panic_message<R>(f: impl FnOnce() -> R) -> String {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(_) => panic!("expected a panic"),
         Err(p) => payload_message(&*p),
