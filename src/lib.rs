@@ -135,6 +135,7 @@
 //! | `aio_get_thread_pool`, `thread_pool_submit_co/aio` | [`aio::AioContext::thread_pool`]: [`submit_co`](aio::ThreadPool::submit_co), [`submit`](aio::ThreadPool::submit) |
 //! | `CoMutex` init/lock/unlock | [`sync::CoMutex::new`], [`lock`](sync::CoMutex::lock) → guard (unlock on drop), [`try_lock`](sync::CoMutex::try_lock) |
 //! | `CoQueue` wait/next/restart_all/enter_next/enter_all/empty | [`sync::CoQueue`]: [`wait`](sync::CoQueue::wait), [`wait_unlocked`](sync::CoQueue::wait_unlocked), [`next`](sync::CoQueue::next), [`restart_all`](sync::CoQueue::restart_all), [`enter_next`](sync::CoQueue::enter_next), [`enter_all`](sync::CoQueue::enter_all), [`is_empty`](sync::CoQueue::is_empty) |
+//! | `QemuCoLockable` (a lock `qemu_co_queue_wait` releases) | [`sync::CoLockable`]: mutex and rwlock guards |
 //! | `CoRwlock` rdlock/wrlock/upgrade/downgrade/unlock | [`sync::CoRwLock`]: [`read`](sync::CoRwLock::read), [`write`](sync::CoRwLock::write), [`upgrade`](sync::CoRwLock::upgrade), [`downgrade`](sync::CoRwLock::downgrade) |
 //! | `QemuCoSleep`, `qemu_co_sleep_ns_wakeable`, `qemu_co_sleep_wake` | [`sync::CoSleep`]: [`sleep`](sync::CoSleep::sleep), [`sleep_for`](sync::CoSleep::sleep_for), [`wake`](sync::CoSleep::wake) |
 //! | `yield_until_fd_readable` | [`io::yield_until_fd_readable`], [`io::yield_until_fd_writable`] |

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use coroloop::aio::{AioContext, IoThread};
 use coroloop::coroutine::{self, Coroutine};
-use coroloop::sync::{CoMutex, CoQueue};
+use coroloop::sync::{CoLockable, CoMutex, CoQueue, CoRwLock};
 
 // /locking/co-mutex: two bare coroutines, no AioContext. Unlock queues the
 // waiter on the unlocker's wake-up list: it runs when the unlocker ends.
@@ -118,6 +118,47 @@ fn unwound_waiter_leaves_the_queue_and_the_lock_reaches_the_next() {
     assert!(e.is_finished(), "the lock reached e");
     assert_eq!(*m.try_lock().unwrap(), [1, 3, 5]);
     holder.enter();
+}
+
+// /locking/co-mutex/lockable: CoQueue::wait takes any coroutine lock
+// (QEMU's QemuCoLockable). For each kind of guard: the lock is free while
+// the waiter waits (a second coroutine takes it), held again in the same
+// mode once the waiter is woken, and free when the waiter ends.
+fn wait_with<'a, G: CoLockable<'a>>(q: &CoQueue, g: G) -> G {
+    q.wait(g)
+}
+
+#[test]
+fn co_queue_wait_releases_and_retakes_any_co_lock() {
+    let m = Rc::new(CoMutex::new(0u32));
+    let rw = Rc::new(CoRwLock::new(0u32));
+    let q = Rc::new(CoQueue::new());
+    let (m1, rw1, q1) = (m.clone(), rw.clone(), q.clone());
+    let waiter = Coroutine::new(move || {
+        let g = wait_with(&q1, m1.lock());
+        assert!(m1.try_lock().is_none(), "mutex held again after the wait");
+        assert_eq!(*g, 1);
+        drop(g);
+        let g = wait_with(&q1, rw1.write());
+        assert!(rw1.try_read().is_none(), "write lock held again");
+        assert_eq!(*g, 1);
+        drop(g);
+        let g = wait_with(&q1, rw1.read());
+        assert!(rw1.try_write().is_none(), "read lock held again");
+        assert!(rw1.try_read().is_some(), "as a reader");
+        assert_eq!(*g, 2);
+    });
+    waiter.enter();
+    // The waiter waits with nothing held: others take each lock freely.
+    *m.try_lock().expect("mutex released by CoQueue::wait") += 1;
+    assert!(q.next());
+    *rw.try_write().expect("write lock released") += 1;
+    assert!(q.next());
+    *rw.try_write().expect("read lock released") += 1;
+    assert!(q.next());
+    assert!(waiter.is_finished());
+    assert!(!m.is_locked());
+    assert!(rw.try_write().is_some());
 }
 
 #[test]

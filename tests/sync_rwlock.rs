@@ -175,3 +175,22 @@ fn co_sleep_wake_and_timeout() {
         "woken outside a coroutine: entered at once"
     );
 }
+
+// try_read / try_write follow the tickets: no barging past a waiting writer.
+#[test]
+fn try_locks_respect_waiting_writers() {
+    let l = Rc::new(CoRwLock::new(()));
+    let r = l.try_read().expect("free lock: read");
+    assert!(l.try_write().is_none(), "a reader holds it");
+    let l2 = l.clone();
+    let writer = Coroutine::new(move || drop(l2.write()));
+    writer.enter(); // queued behind the reader
+    assert!(!writer.is_finished());
+    assert!(l.try_read().is_none(), "a writer waits: no new readers");
+    drop(r); // the writer is granted and runs
+    assert!(writer.is_finished());
+    let w = l.try_write().expect("free again");
+    assert!(l.try_read().is_none());
+    drop(w);
+    assert!(l.try_read().is_some());
+}

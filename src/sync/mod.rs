@@ -19,6 +19,6 @@ mod sleep;
 pub(crate) mod waitq;
 
 pub use mutex::{CoMutex, CoMutexGuard};
-pub use queue::CoQueue;
+pub use queue::{CoLockable, CoQueue};
 pub use rwlock::{CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard};
 pub use sleep::CoSleep;

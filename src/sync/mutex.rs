@@ -13,7 +13,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use super::waitq::{wake_current_coroutine, WaitList, Waiter};
-use crate::loom::sync::atomic::{AtomicUsize, Ordering};
+use crate::loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::loom::sync::Mutex;
 
 const LOCKED: usize = 1;
@@ -22,13 +22,22 @@ const WAITERS: usize = 2;
 /// The lock without data: the protocol core, free of coroutines.
 pub(crate) struct RawCoMutex {
     state: AtomicUsize,
+    /// The thread serial of the last owner (a hint for spinning).
+    owner: AtomicU64,
     waiters: Mutex<WaitList>,
 }
+
+/// How long a locker on another thread spins while the lock is held and
+/// nobody is queued before it queues and suspends (QEMU spins up to 1000
+/// pauses too): a cross-thread hand-off through the target's loop costs
+/// far more than a short critical section.
+const SPIN_LIMIT: u32 = 1000;
 
 impl RawCoMutex {
     pub(crate) fn new() -> RawCoMutex {
         RawCoMutex {
             state: AtomicUsize::new(0),
+            owner: AtomicU64::new(0),
             waiters: Mutex::new(WaitList::default()),
         }
     }
@@ -38,6 +47,34 @@ impl RawCoMutex {
         self.state
             .compare_exchange(0, LOCKED, Ordering::Acquire, Ordering::Relaxed)
             .is_ok()
+    }
+
+    /// Records the calling thread as the owner (after taking the lock).
+    #[inline]
+    fn set_owner(&self, me: u64) {
+        self.owner.store(me, Ordering::Relaxed);
+    }
+
+    /// Spins while the owner runs on another thread and nobody is queued,
+    /// taking the lock if it is released meanwhile (QEMU's
+    /// `qemu_co_mutex_lock` does the same). Returns whether it took it.
+    #[cold]
+    fn spin_for_other_thread(&self, me: u64) -> bool {
+        for _ in 0..SPIN_LIMIT {
+            let s = self.state.load(Ordering::Relaxed);
+            if s == 0 {
+                if self.try_lock() {
+                    self.set_owner(me);
+                    return true;
+                }
+            } else if s != LOCKED || self.owner.load(Ordering::Relaxed) == me {
+                // Waiters are queued (FIFO: join them), or the owner is a
+                // coroutine of this thread, which cannot run while we spin.
+                return false;
+            }
+            std::hint::spin_loop();
+        }
+        false
     }
 
     /// Takes the lock, or queues `make()`'s waiter and returns it: the
@@ -208,6 +245,20 @@ impl<T: ?Sized> CoMutex<T> {
         if !crate::coroutine::in_coroutine() {
             panic!("CoMutex::lock called outside a coroutine");
         }
+        let me = crate::aio::thread_serial();
+        if self.raw.try_lock() {
+            self.raw.set_owner(me);
+            return CoMutexGuard {
+                m: self,
+                _not_send: PhantomData,
+            };
+        }
+        if self.raw.spin_for_other_thread(me) {
+            return CoMutexGuard {
+                m: self,
+                _not_send: PhantomData,
+            };
+        }
         if let Some(w) = self
             .raw
             .lock_or_queue(|| Waiter::new(true, wake_current_coroutine("CoMutex::lock")))
@@ -221,6 +272,7 @@ impl<T: ?Sized> CoMutex<T> {
             }
             guard.w = None;
         }
+        self.raw.set_owner(me);
         CoMutexGuard {
             m: self,
             _not_send: PhantomData,
@@ -229,7 +281,11 @@ impl<T: ?Sized> CoMutex<T> {
 
     /// Takes the lock if it is free (anywhere, coroutine or not).
     pub fn try_lock(&self) -> Option<CoMutexGuard<'_, T>> {
-        self.raw.try_lock().then_some(CoMutexGuard {
+        if !self.raw.try_lock() {
+            return None;
+        }
+        self.raw.set_owner(crate::aio::thread_serial());
+        Some(CoMutexGuard {
             m: self,
             _not_send: PhantomData,
         })
@@ -353,6 +409,45 @@ mod tests_loom {
             assert_eq!(c.load(Ordering::Relaxed), 3);
             assert!(!m.is_locked());
             assert!(m.try_lock());
+        });
+    }
+
+    /// FIFO: a locker that queued (or took the lock) before a second one
+    /// started always gets the lock first, whenever the owner unlocks.
+    #[test]
+    fn loom_handoff_is_fifo() {
+        loom::model(|| {
+            let m = Arc::new(RawCoMutex::new());
+            assert!(m.try_lock());
+            let order = Arc::new(Mutex::new(Vec::new()));
+            let first_in = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+            let spawn = |id: u32| {
+                let (m, order, first_in) = (m.clone(), order.clone(), first_in.clone());
+                loom::thread::spawn(move || {
+                    if id == 2 {
+                        while !first_in.load(Ordering::Acquire) {
+                            loom::thread::yield_now();
+                        }
+                    }
+                    let w = m.lock_or_queue(waiter);
+                    if id == 1 {
+                        first_in.store(true, Ordering::Release);
+                    }
+                    if let Some(w) = w {
+                        while !w.is_granted() {
+                            loom::thread::yield_now();
+                        }
+                    }
+                    order.lock().unwrap().push(id);
+                    m.unlock();
+                })
+            };
+            let (t1, t2) = (spawn(1), spawn(2));
+            m.unlock();
+            t1.join().unwrap();
+            t2.join().unwrap();
+            assert_eq!(*order.lock().unwrap(), [1, 2]);
+            assert!(!m.is_locked());
         });
     }
 

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use super::mutex::{CoMutex, CoMutexGuard};
+use super::rwlock::{CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard};
 use super::waitq::{wake_current_coroutine, WaitList, Waiter, WakeList};
 use crate::loom::sync::Mutex;
 
@@ -84,19 +85,20 @@ impl CoQueue {
 
     /// Releases `guard`'s lock, waits until woken by
     /// [`next`](Self::next) or [`restart_all`](Self::restart_all), and
-    /// relocks (QEMU's `qemu_co_queue_wait`).
+    /// takes the lock again in the same mode (QEMU's `qemu_co_queue_wait`).
+    /// `guard` may be any coroutine lock guard ([`CoLockable`]: a
+    /// [`CoMutex`] guard, or a [`CoRwLock`] read or write guard).
     ///
     /// # Panics
     ///
     /// Outside a coroutine.
     #[doc(alias = "qemu_co_queue_wait")]
     #[track_caller]
-    pub fn wait<'a, T: ?Sized>(&self, guard: CoMutexGuard<'a, T>) -> CoMutexGuard<'a, T> {
-        let m: &'a CoMutex<T> = CoMutexGuard::mutex(&guard);
+    pub fn wait<'a, G: CoLockable<'a>>(&self, guard: G) -> G {
         let w = self.enqueue();
-        drop(guard);
+        let lock = guard.release();
         self.wait_granted(w);
-        m.lock()
+        G::reacquire(lock)
     }
 
     /// Waits until woken, without a lock (QEMU's `qemu_co_queue_wait(q,
@@ -173,3 +175,53 @@ impl fmt::Debug for CoQueue {
             .finish()
     }
 }
+
+mod private {
+    /// The operations behind [`CoLockable`](super::CoLockable), out of
+    /// reach of other crates.
+    pub trait Relock<'a>: Sized {
+        type Lock: ?Sized + 'a;
+        fn release(self) -> &'a Self::Lock;
+        fn reacquire(lock: &'a Self::Lock) -> Self;
+    }
+}
+
+/// A guard of a coroutine lock that [`CoQueue::wait`] can release while
+/// waiting and take again afterwards (QEMU's `QemuCoLockable`). Implemented
+/// by [`CoMutexGuard`], [`CoRwLockReadGuard`] and [`CoRwLockWriteGuard`];
+/// sealed.
+#[doc(alias = "QemuCoLockable")]
+pub trait CoLockable<'a>: private::Relock<'a> {}
+
+impl<'a, T: ?Sized> private::Relock<'a> for CoMutexGuard<'a, T> {
+    type Lock = CoMutex<T>;
+    fn release(self) -> &'a CoMutex<T> {
+        CoMutexGuard::mutex(&self)
+    }
+    fn reacquire(lock: &'a CoMutex<T>) -> Self {
+        lock.lock()
+    }
+}
+impl<'a, T: ?Sized> CoLockable<'a> for CoMutexGuard<'a, T> {}
+
+impl<'a, T: ?Sized> private::Relock<'a> for CoRwLockReadGuard<'a, T> {
+    type Lock = CoRwLock<T>;
+    fn release(self) -> &'a CoRwLock<T> {
+        CoRwLockReadGuard::rwlock(&self)
+    }
+    fn reacquire(lock: &'a CoRwLock<T>) -> Self {
+        lock.read()
+    }
+}
+impl<'a, T: ?Sized> CoLockable<'a> for CoRwLockReadGuard<'a, T> {}
+
+impl<'a, T: ?Sized> private::Relock<'a> for CoRwLockWriteGuard<'a, T> {
+    type Lock = CoRwLock<T>;
+    fn release(self) -> &'a CoRwLock<T> {
+        CoRwLockWriteGuard::rwlock(&self)
+    }
+    fn reacquire(lock: &'a CoRwLock<T>) -> Self {
+        lock.write()
+    }
+}
+impl<'a, T: ?Sized> CoLockable<'a> for CoRwLockWriteGuard<'a, T> {}

@@ -177,6 +177,33 @@ impl<T: ?Sized> CoRwLock<T> {
         }
     }
 
+    /// Takes a read lock if that needs no wait (no writer holds or waits),
+    /// anywhere, coroutine or not.
+    pub fn try_read(&self) -> Option<CoRwLockReadGuard<'_, T>> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.tickets.is_empty() || st.owners < 0 {
+            return None;
+        }
+        st.owners += 1;
+        Some(CoRwLockReadGuard {
+            l: self,
+            _not_send: PhantomData,
+        })
+    }
+
+    /// Takes the write lock if it is free and nobody waits, anywhere.
+    pub fn try_write(&self) -> Option<CoRwLockWriteGuard<'_, T>> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !st.tickets.is_empty() || st.owners != 0 {
+            return None;
+        }
+        st.owners = -1;
+        Some(CoRwLockWriteGuard {
+            l: self,
+            _not_send: PhantomData,
+        })
+    }
+
     /// Turns a read lock into the write lock (QEMU's
     /// `qemu_co_rwlock_upgrade`): see the type's docs for the queueing.
     #[doc(alias = "qemu_co_rwlock_upgrade")]
@@ -250,6 +277,20 @@ pub struct CoRwLockReadGuard<'a, T: ?Sized> {
 pub struct CoRwLockWriteGuard<'a, T: ?Sized> {
     l: &'a CoRwLock<T>,
     _not_send: PhantomData<*const ()>,
+}
+
+impl<'a, T: ?Sized> CoRwLockReadGuard<'a, T> {
+    /// The lock this guard holds.
+    pub fn rwlock(this: &Self) -> &'a CoRwLock<T> {
+        this.l
+    }
+}
+
+impl<'a, T: ?Sized> CoRwLockWriteGuard<'a, T> {
+    /// The lock this guard holds.
+    pub fn rwlock(this: &Self) -> &'a CoRwLock<T> {
+        this.l
+    }
 }
 
 impl<T: ?Sized> Deref for CoRwLockReadGuard<'_, T> {
