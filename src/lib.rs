@@ -187,6 +187,7 @@
 
 pub mod aio;
 pub mod coroutine;
+pub mod future;
 pub mod io;
 mod loom;
 pub mod sync;

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use concurrent_queue::ConcurrentQueue;
 
 use super::{AioContext, Inner, HOME_DEFAULT, RUNNING};
-use crate::coroutine::{CoReqKind, Coroutine, Erased, RemoteRef, Resumer};
+use crate::coroutine::{enter_request, CoReqKind, Coroutine, Erased, RemoteRef, Request, Resumer};
 
 pub(crate) struct CoQueue {
     /// Requests from other threads.
@@ -123,27 +123,17 @@ pub(crate) fn run_queue(ctx: &AioContext) -> bool {
 }
 
 fn run_one(q: &CoQueue, r: RemoteRef, kind: CoReqKind) -> bool {
-    let h = r.header();
-    let flag = match kind {
-        CoReqKind::Schedule => &h.scheduled,
-        CoReqKind::Wake => &h.woken,
-    };
     // SAFETY: we are on the home thread (poll checked it), which is the
     // coroutine's home thread: its resumer is this context.
-    let Some(co) = (unsafe { r.upgrade() }) else {
-        return false; // finished, unwound or recycled: a stale request
-    };
-    if co.is_entered() {
-        // Running further up this thread's call chain (a nested poll): it
-        // will run again when it suspends; keep the request.
-        q.push((r, kind), true);
-        return false;
+    match unsafe { enter_request(r, kind) } {
+        Request::Entered => true,
+        Request::Stale => false,
+        Request::Busy(r, kind) => {
+            // It will run again when it suspends; keep the request.
+            q.push((r, kind), true);
+            false
+        }
     }
-    // Clear with an RMW (see `WakeFlag`): a waker that found it set relies
-    // on this entry.
-    flag.release();
-    co.enter();
-    true
 }
 
 /// Drops queued requests at shutdown.

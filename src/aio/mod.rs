@@ -36,6 +36,7 @@ mod iothread;
 mod notify;
 mod thread_pool;
 mod timer;
+mod task;
 mod wait;
 
 use std::cell::{Cell, RefCell, UnsafeCell};
@@ -55,6 +56,9 @@ pub use notify::EventNotifier;
 pub use thread_pool::ThreadPool;
 pub use timer::{ClockType, Timer};
 pub use wait::wait_kick;
+/// The handle of a task spawned on an AioContext (async-task's `Task`): a
+/// future of its output; dropping it cancels the task, `detach` lets it run.
+pub use async_task::Task;
 
 pub(crate) use co::thread_default_resumer;
 
@@ -129,6 +133,7 @@ pub(crate) struct Inner {
     poll_grow: AtomicI64,
     poll_shrink: AtomicI64,
     pub(crate) co: co::CoQueue,
+    pub(crate) tasks: task::TaskQueues,
     thread_pool: OnceLock<ThreadPool>,
     /// Home-thread state; see `local()`.
     local: UnsafeCell<ManuallyDrop<Local>>,
@@ -152,6 +157,11 @@ pub(crate) struct Local {
 }
 
 impl Inner {
+    /// The serial of the home thread (see `thread_serial`).
+    pub(crate) fn home_serial(&self) -> u64 {
+        self.home
+    }
+
     #[inline]
     pub(crate) fn is_home(&self) -> bool {
         thread_serial() == self.home
@@ -201,6 +211,18 @@ fn home_violation(api: &str) -> ! {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        if self.home == thread_serial() {
+            self.tasks.clear();
+        } else {
+            let n = self.tasks.forget_local();
+            if n > 0 {
+                log::warn!(
+                    "coroloop: AioContext {:?} dropped off its home thread with {n} local \
+                     task(s) queued; they are leaked",
+                    self.name
+                );
+            }
+        }
         let local = self.local.get_mut();
         if self.home == thread_serial() || self.dead.load(Ordering::Acquire) {
             // SAFETY: we are on the home thread (or shutdown already emptied
@@ -249,6 +271,7 @@ impl AioContext {
             poll_grow: AtomicI64::new(0),
             poll_shrink: AtomicI64::new(0),
             co: co::CoQueue::new(),
+            tasks: task::TaskQueues::new(),
             thread_pool: OnceLock::new(),
             local: UnsafeCell::new(ManuallyDrop::new(Local {
                 handlers: fd::Handlers::new(),
@@ -320,7 +343,8 @@ impl AioContext {
     }
 
     fn timeout_ns(&self) -> Option<i64> {
-        if self.inner.bh.any_scheduled() || !self.inner.co.is_empty() {
+        if self.inner.bh.any_scheduled() || !self.inner.co.is_empty() || !self.inner.tasks.is_empty()
+        {
             return Some(0);
         }
         self.inner.timers().timeout_ns(self)
@@ -422,6 +446,7 @@ impl AioContext {
 
         progress |= bh::bh_poll(self);
         progress |= co::run_queue(self);
+        progress |= task::run_tasks(self);
         progress |= local.handlers.dispatch(self, &ready);
         progress |= local.timers.run(self);
         progress
@@ -631,6 +656,7 @@ impl AioContext {
         local.timers.clear();
         local.handlers.clear();
         co::clear_queue(self);
+        self.inner.tasks.clear();
     }
 }
 

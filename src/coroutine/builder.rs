@@ -118,6 +118,7 @@ fn inherit_resumer(cur: *const Header, h: &Header) {
     unsafe {
         if let Some(r) = &*(*cur).resumer.get() {
             *h.resumer.get() = Some(r.clone());
+            h.ask_resumer.set((*cur).ask_resumer.get());
         }
     }
 }

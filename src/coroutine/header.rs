@@ -174,6 +174,12 @@ pub(crate) trait Resumer: Send + Sync {
     /// A detached coroutine (owned by this resumer) finished: release it.
     /// Called on the home thread from the enter loop.
     fn detached_finished(&self, _addr: usize) {}
+    /// Whether a wake on the home thread may enter the coroutine at once
+    /// (or through a wake-up list) instead of queueing it here. Asked only
+    /// for headers with `ask_resumer` set.
+    fn admits_direct_entry(&self) -> bool {
+        true
+    }
 }
 
 /// A non-owning same-thread reference, as held by wake-up lists.
@@ -320,6 +326,9 @@ pub(crate) struct Header {
     pub(crate) cancelling: Cell<bool>,
     /// Owned by its resumer's context (`Coroutine::detach`).
     pub(crate) detached: Cell<bool>,
+    /// Its resumer may refuse direct entry (a `CoroutineFuture` that is
+    /// not being polled): home-thread wakes ask it first.
+    pub(crate) ask_resumer: Cell<bool>,
     /// Queued by a schedule and not yet dequeued (any thread).
     pub(crate) scheduled: super::remote::WakeFlag,
     /// Queued by a wake and not yet dequeued (any thread).
@@ -367,6 +376,7 @@ impl Header {
             panic: Cell::new(None),
             cancelling: Cell::new(false),
             detached: Cell::new(false),
+            ask_resumer: Cell::new(false),
             scheduled: super::remote::WakeFlag::new(),
             woken: super::remote::WakeFlag::new(),
             payload: Cell::new(Payload::Empty),
@@ -508,6 +518,7 @@ impl Header {
         self.queued.set(false);
         self.cancelling.set(false);
         self.detached.set(false);
+        self.ask_resumer.set(false);
         self.scheduled.reset();
         self.woken.reset();
     }

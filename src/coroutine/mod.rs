@@ -101,6 +101,7 @@ use header::{Header, State, WakeList, WeakRef};
 use pool::{Cancelled, Cmd, Event, Worker};
 
 pub(crate) use header::{CoReqKind, Resumer};
+pub(crate) use wake::{enter_request, Request};
 
 /// The result type of a handle whose coroutine's result type is not known,
 /// such as the one [`Coroutine::current`] returns. It has no values: such a
@@ -583,6 +584,9 @@ fn wake_header(h: &Header) {
     match h.state.get() {
         State::Running | State::Finished => return,
         State::Fresh | State::Suspended => {}
+    }
+    if h.ask_resumer.get() && wake::queue_if_refused(h) {
+        return;
     }
     let cur = current::current_ptr();
     if cur.is_null() {

@@ -99,6 +99,12 @@ impl RemoteCoroutine {
         unsafe { self.r.upgrade() }
     }
 
+    /// Whether something drives the coroutine (an AioContext or a
+    /// `CoroutineFuture`).
+    pub(crate) fn has_resumer(&self) -> bool {
+        self.resumer.is_some()
+    }
+
     /// Whether the coroutine finished (or was unwound).
     pub fn is_finished(&self) -> bool {
         !self.r.is_current()
@@ -131,6 +137,58 @@ fn no_resumer_logged() {
     }
 }
 
+/// A home-thread wake of a coroutine whose resumer may refuse direct
+/// entry: if it does, queue the coroutine there instead. Returns whether
+/// the wake was queued (the caller must not enter it).
+pub(crate) fn queue_if_refused(h: &Header) -> bool {
+    let Some(r) = resumer_of(h) else {
+        return false;
+    };
+    if r.admits_direct_entry() {
+        return false;
+    }
+    if h.woken.claim() {
+        r.queue(RemoteRef::new(h), CoReqKind::Wake);
+    }
+    true
+}
+
+/// What came of a request taken from a resumer's queue.
+pub(crate) enum Request {
+    /// The coroutine was entered.
+    Entered,
+    /// Finished, unwound or recycled since: dropped.
+    Stale,
+    /// Running further up this thread's call chain (a nested loop): the
+    /// caller must queue the request again.
+    Busy(RemoteRef, CoReqKind),
+}
+
+/// Enters the coroutine a queued request names, clearing its flag.
+///
+/// # Safety
+///
+/// Must be called on the coroutine's home thread.
+pub(crate) unsafe fn enter_request(r: RemoteRef, kind: CoReqKind) -> Request {
+    // SAFETY: forwarded from the caller.
+    let Some(co) = (unsafe { r.upgrade() }) else {
+        return Request::Stale;
+    };
+    if co.is_entered() {
+        return Request::Busy(r, kind);
+    }
+    let h = r.header();
+    let flag = match kind {
+        CoReqKind::Schedule => &h.scheduled,
+        CoReqKind::Wake => &h.woken,
+    };
+    // Clear with an RMW (see `WakeFlag`): a waker that found it set relies
+    // on this entry.
+    flag.release();
+    co.enter();
+    Request::Entered
+}
+
 struct CoWaker(RemoteCoroutine);
 
 impl Wake for CoWaker {
@@ -143,6 +201,16 @@ impl Wake for CoWaker {
 }
 
 impl<T> Coroutine<T> {
+    /// Makes `r` the resumer of this fresh coroutine (and of those created
+    /// inside it); `ask`: home-thread wakes ask `r` before entering.
+    pub(crate) fn set_resumer(&self, r: Arc<dyn Resumer>, ask: bool) {
+        let h = self.header();
+        // SAFETY: home-thread field (handles are !Send); no reference into
+        // it is live.
+        unsafe { *h.resumer.get() = Some(r) };
+        h.ask_resumer.set(ask);
+    }
+
     /// A handle to wake or schedule this coroutine from any thread.
     pub fn remote(&self) -> RemoteCoroutine {
         let h = self.header();

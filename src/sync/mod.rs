@@ -18,7 +18,7 @@ mod rwlock;
 mod sleep;
 pub(crate) mod waitq;
 
-pub use mutex::{CoMutex, CoMutexGuard};
+pub use mutex::{CoMutex, CoMutexGuard, CoMutexLockFuture};
 pub use queue::{CoLockable, CoQueue};
 pub use rwlock::{CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard};
 pub use sleep::CoSleep;

@@ -12,7 +12,7 @@ use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
-use super::waitq::{wake_current_coroutine, WaitList, Waiter};
+use super::waitq::{wake_current_coroutine, wake_task, WaitList, Waiter};
 use crate::loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::loom::sync::Mutex;
 
@@ -279,6 +279,27 @@ impl<T: ?Sized> CoMutex<T> {
         }
     }
 
+    /// Locks from async code: a future that resolves to the guard, queued
+    /// in the same FIFO as coroutines (so one `CoMutex` serves coroutines
+    /// and tasks alike). Dropping the future before it resolves leaves the
+    /// queue, passing the lock on if it had just been handed over.
+    ///
+    /// The guard is `!Send`: hold it across `.await` only in futures that
+    /// stay on one thread (`spawn_local`, a `LocalExecutor`, `block_on`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroloop::sync::CoMutex;
+    ///
+    /// let m = CoMutex::new(1);
+    /// smol::block_on(async { *m.lock_async().await += 1 });
+    /// assert_eq!(*m.try_lock().unwrap(), 2);
+    /// ```
+    pub fn lock_async(&self) -> CoMutexLockFuture<'_, T> {
+        CoMutexLockFuture { m: self, w: None }
+    }
+
     /// Takes the lock if it is free (anywhere, coroutine or not).
     pub fn try_lock(&self) -> Option<CoMutexGuard<'_, T>> {
         if !self.raw.try_lock() {
@@ -315,6 +336,72 @@ impl<T: ?Sized> fmt::Debug for CoMutex<T> {
         f.debug_struct("CoMutex")
             .field("locked", &self.is_locked())
             .finish_non_exhaustive()
+    }
+}
+
+/// The future of [`CoMutex::lock_async`].
+#[must_use = "futures do nothing unless polled"]
+pub struct CoMutexLockFuture<'a, T: ?Sized> {
+    m: &'a CoMutex<T>,
+    w: Option<Arc<Waiter>>,
+}
+
+impl<'a, T: ?Sized> std::future::Future for CoMutexLockFuture<'a, T> {
+    type Output = CoMutexGuard<'a, T>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<CoMutexGuard<'a, T>> {
+        let this = self.get_mut();
+        let ready = |m: &'a CoMutex<T>| {
+            m.raw.set_owner(crate::aio::thread_serial());
+            std::task::Poll::Ready(CoMutexGuard {
+                m,
+                _not_send: PhantomData,
+            })
+        };
+        match &this.w {
+            None => match this
+                .m
+                .raw
+                .lock_or_queue(|| Waiter::new(true, wake_task(Some(cx.waker()))))
+            {
+                None => ready(this.m),
+                Some(w) => {
+                    this.w = Some(w);
+                    std::task::Poll::Pending
+                }
+            },
+            Some(w) => {
+                if !w.is_granted() {
+                    // Register, then check again: a grant in between has
+                    // either seen the new waker or is seen here.
+                    w.register(cx.waker());
+                    if !w.is_granted() {
+                        return std::task::Poll::Pending;
+                    }
+                }
+                this.w = None;
+                ready(this.m)
+            }
+        }
+    }
+}
+
+impl<T: ?Sized> Drop for CoMutexLockFuture<'_, T> {
+    fn drop(&mut self) {
+        if let Some(w) = self.w.take() {
+            self.m.raw.cancel(&w);
+        }
+    }
+}
+
+impl<T: ?Sized> fmt::Debug for CoMutexLockFuture<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoMutexLockFuture")
+            .field("queued", &self.w.is_some())
+            .finish()
     }
 }
 

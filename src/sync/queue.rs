@@ -58,21 +58,25 @@ impl CoQueue {
         w
     }
 
+    /// Leaves the queue (an unwound coroutine, a dropped future); a waiter
+    /// that had been woken already passes the wake-up on.
+    fn cancel(&self, w: &Arc<Waiter>) {
+        let removed = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(w);
+        if !removed && w.is_granted() {
+            self.next();
+        }
+    }
+
     fn wait_granted(&self, w: Arc<Waiter>) {
         struct Cancel<'a>(&'a CoQueue, Option<Arc<Waiter>>);
         impl Drop for Cancel<'_> {
             fn drop(&mut self) {
                 if let Some(w) = self.1.take() {
-                    let removed = self
-                        .0
-                        .waiters
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&w);
-                    if !removed && w.is_granted() {
-                        // Woken but unwound before running: pass it on.
-                        self.0.next();
-                    }
+                    self.0.cancel(&w);
                 }
             }
         }
@@ -111,6 +115,67 @@ impl CoQueue {
     pub fn wait_unlocked(&self) {
         let w = self.enqueue();
         self.wait_granted(w);
+    }
+
+    /// Async form of [`wait`](Self::wait) for a [`CoMutex`] guard, for
+    /// async tasks: the task joins the same FIFO as coroutines. The lock
+    /// is released at once (the task is queued first, so no wake-up is
+    /// missed) and retaken with [`CoMutex::lock_async`] after the wake.
+    /// Dropping the future leaves the queue (passing on a wake-up it had
+    /// already received).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroloop::{aio::AioContext, sync::{CoMutex, CoQueue}};
+    /// use std::rc::Rc;
+    ///
+    /// let ctx = AioContext::new()?;
+    /// let st = Rc::new((CoMutex::new(false), CoQueue::new()));
+    /// let s = st.clone();
+    /// let waiter = ctx.spawn_local(async move {
+    ///     let mut ready = s.0.lock_async().await;
+    ///     while !*ready {
+    ///         ready = s.1.wait_async(ready).await;
+    ///     }
+    /// });
+    /// ctx.poll(false); // the task waits
+    /// *st.0.try_lock().unwrap() = true;
+    /// st.1.next();
+    /// ctx.block_on(waiter);
+    /// # std::io::Result::Ok(())
+    /// ```
+    pub fn wait_async<'a, T: ?Sized>(
+        &'a self,
+        guard: CoMutexGuard<'a, T>,
+    ) -> impl std::future::Future<Output = CoMutexGuard<'a, T>> + 'a {
+        let m: &'a CoMutex<T> = CoMutexGuard::mutex(&guard);
+        let wait = QueueWait {
+            q: self,
+            w: Some(self.enqueue_task()),
+        };
+        drop(guard);
+        async move {
+            wait.await;
+            m.lock_async().await
+        }
+    }
+
+    /// Async form of [`wait_unlocked`](Self::wait_unlocked).
+    pub fn wait_unlocked_async(&self) -> impl std::future::Future<Output = ()> + '_ {
+        QueueWait {
+            q: self,
+            w: Some(self.enqueue_task()),
+        }
+    }
+
+    fn enqueue_task(&self) -> Arc<Waiter> {
+        let w = Waiter::new(false, super::waitq::wake_task(None));
+        self.waiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(w.clone());
+        w
     }
 
     /// Wakes the first waiter; returns whether there was one (QEMU's
@@ -225,3 +290,40 @@ impl<'a, T: ?Sized> private::Relock<'a> for CoRwLockWriteGuard<'a, T> {
     }
 }
 impl<'a, T: ?Sized> CoLockable<'a> for CoRwLockWriteGuard<'a, T> {}
+
+/// A task's place in a `CoQueue`.
+struct QueueWait<'a> {
+    q: &'a CoQueue,
+    w: Option<Arc<Waiter>>,
+}
+
+impl std::future::Future for QueueWait<'_> {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let this = self.get_mut();
+        let Some(w) = &this.w else {
+            return std::task::Poll::Ready(());
+        };
+        if !w.is_granted() {
+            // Register, then check again (see `CoMutexLockFuture`).
+            w.register(cx.waker());
+            if !w.is_granted() {
+                return std::task::Poll::Pending;
+            }
+        }
+        this.w = None;
+        std::task::Poll::Ready(())
+    }
+}
+
+impl Drop for QueueWait<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.w.take() {
+            self.q.cancel(&w);
+        }
+    }
+}

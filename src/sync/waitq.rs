@@ -24,6 +24,8 @@ pub(crate) enum WakeTarget {
         home: u64,
         remote: crate::coroutine::RemoteCoroutine,
     },
+    /// An async task: its latest waker (registered at every poll).
+    Task(atomic_waker::AtomicWaker),
     /// Anything else (the loom models).
     #[allow(dead_code)]
     Custom(Box<dyn Fn() + Send + Sync>),
@@ -75,7 +77,15 @@ impl Waiter {
                     remote.wake();
                 }
             }
+            WakeTarget::Task(w) => w.wake(),
             WakeTarget::Custom(f) => f(),
+        }
+    }
+
+    /// Registers the polling task's waker (task waiters only).
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
+        if let WakeTarget::Task(w) = &self.wake {
+            w.register(waker);
         }
     }
 }
@@ -143,4 +153,14 @@ pub(crate) fn wake_current_coroutine(api: &'static str) -> WakeTarget {
         home: crate::aio::thread_serial(),
         remote: co.remote(),
     }
+}
+
+/// The wake-up action of an async task: its waker (`None`: registered at
+/// its first poll), updated at every poll.
+pub(crate) fn wake_task(waker: Option<&std::task::Waker>) -> WakeTarget {
+    let w = atomic_waker::AtomicWaker::new();
+    if let Some(waker) = waker {
+        w.register(waker);
+    }
+    WakeTarget::Task(w)
 }

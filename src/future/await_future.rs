@@ -1,0 +1,104 @@
+//! `await_future`: a Rust future awaited inside a coroutine.
+
+use std::future::{Future, IntoFuture};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use crate::coroutine::{self, Coroutine, RemoteCoroutine};
+
+/// The waker `await_future` hands to the future: it records that the
+/// future asked to be polled (the wait's own grant state) and queues the
+/// coroutine on its resumer.
+struct Signal {
+    fired: AtomicBool,
+    co: RemoteCoroutine,
+}
+
+impl Wake for Signal {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Release: what the waking side published is visible to the poll
+        // that follows (pairs with the Acquire swap below).
+        self.fired.store(true, Ordering::Release);
+        self.co.wake();
+    }
+}
+
+/// Awaits `fut` inside a coroutine: polls it with a waker that queues this
+/// coroutine on its resumer (its AioContext, or the
+/// [`CoroutineFuture`](super::CoroutineFuture) that drives it), suspends
+/// while it is pending, and polls it again only after that waker fired
+/// (QEMU's Rust bindings do the same with `aio_co_wake`).
+///
+/// Wakes from any thread, from inside `poll` (`wake_by_ref` before
+/// returning `Pending`), duplicate and stale wakes are all fine: the waker
+/// never enters the coroutine itself, a wake that comes before the
+/// coroutine suspends is kept, and resumptions that are not this future's
+/// wake (a `remote().wake()`, an old waker) do not poll it again.
+///
+/// # Panics
+///
+/// Outside a coroutine (use [`AioContext::block_on`] there), or in a
+/// coroutine that nothing drives (created where no AioContext existed and
+/// not inside a `CoroutineFuture`): its waker would have nowhere to go.
+/// A panic of `fut` propagates to the caller.
+///
+/// [`AioContext::block_on`]: crate::aio::AioContext::block_on
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::{aio::AioContext, future::await_future, Coroutine};
+/// use std::time::Duration;
+///
+/// let ctx = AioContext::new()?;
+/// let co = Coroutine::new(|| {
+///     // Sequential code waiting on async code (a smol timer here).
+///     await_future(smol::Timer::after(Duration::from_millis(5)));
+///     "slept"
+/// });
+/// co.enter();
+/// ctx.poll_while(|| !co.is_finished());
+/// assert_eq!(co.take_result(), Some("slept"));
+/// # std::io::Result::Ok(())
+/// ```
+#[track_caller]
+pub fn await_future<F: IntoFuture>(fut: F) -> F::Output {
+    let Some(me) = Coroutine::current() else {
+        panic!("await_future called outside a coroutine (use AioContext::block_on there)");
+    };
+    let remote = me.remote();
+    drop(me);
+    if !remote.has_resumer() {
+        panic!(
+            "await_future: this coroutine has no resumer (create it where an AioContext \
+             exists, or inside a CoroutineFuture), so its waker could not resume it"
+        );
+    }
+    let signal = Arc::new(Signal {
+        fired: AtomicBool::new(false),
+        co: remote,
+    });
+    let waker = Waker::from(signal.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = pin!(fut.into_future());
+    loop {
+        if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+            return v;
+        }
+        // Always suspend at least once, even if the future woke itself
+        // during poll: the wake queued us, so the resumer runs other work
+        // first (a self-waking future is a yield, not a spin).
+        loop {
+            coroutine::suspend();
+            if signal.fired.swap(false, Ordering::Acquire) {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! `CoroutineFuture`: a coroutine driven by whatever polls it.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+
+use atomic_waker::AtomicWaker;
+use concurrent_queue::ConcurrentQueue;
+
+use crate::aio::{AioContext, Inner};
+use crate::coroutine::{self, enter_request, CoReqKind, Coroutine, RemoteRef, Request, Resumer};
+
+/// The resumer of a `CoroutineFuture`: a queue that any thread may push
+/// to, and the task waker of whoever polls the future.
+pub(crate) struct FutureResumer {
+    queue: ConcurrentQueue<(RemoteRef, CoReqKind)>,
+    waker: AtomicWaker,
+    /// Set while the future is being polled (home thread only).
+    polling: AtomicBool,
+    /// The context current when the future was created: its timers, fd
+    /// handlers and thread pool serve the coroutines inside.
+    ctx: Option<Weak<Inner>>,
+}
+
+impl Resumer for FutureResumer {
+    fn queue(&self, co: RemoteRef, kind: CoReqKind) {
+        let _ = self.queue.push((co, kind));
+        self.waker.wake();
+    }
+
+    fn aio_context(&self) -> Option<AioContext> {
+        self.ctx
+            .as_ref()
+            .and_then(Weak::upgrade)
+            .map(|inner| AioContext { inner })
+    }
+
+    fn admits_direct_entry(&self) -> bool {
+        // While the future is polled, wakes between its coroutines run
+        // them at once (or through wake-up lists), as QEMU's do; otherwise
+        // they go through the queue, and the task is woken.
+        self.polling.load(Ordering::Relaxed)
+    }
+}
+
+/// A coroutine as a [`Future`]: any executor can drive it, and the
+/// coroutine inside may wait in every way a coroutine can (locks, queues,
+/// [`await_future`](super::await_future), fd waits on the context that was
+/// current at creation), without blocking the executor's thread.
+///
+/// The future is the coroutine's resumer and its exclusive owner (see
+/// DESIGN.md's "Resumers"):
+///
+/// * polling enters the coroutine — and the coroutines created inside it
+///   that were woken or scheduled meanwhile;
+/// * whatever wakes it (a [`Waker`](std::task::Waker) from
+///   [`Coroutine::waker`], a `CoQueue`, a `CoMutex` hand-off, another
+///   thread) queues it and wakes the task that polls the future;
+/// * dropping the future unwinds a suspended coroutine (its destructors
+///   run);
+/// * a panic inside resurfaces from `poll`.
+///
+/// It is `!Send`, like the coroutine: spawn it with
+/// `smol::LocalExecutor`, tokio's `LocalSet`, a `block_on`, or
+/// [`AioContext::spawn_local`](crate::aio::AioContext::spawn_local).
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::{future::{await_future, CoroutineFuture}, coroutine};
+///
+/// let fut = CoroutineFuture::new(|| {
+///     // Sequential code that waits on a future, deep in a call stack.
+///     let x = await_future(async { 20 });
+///     coroutine::yield_now();
+///     x + 22
+/// });
+/// assert_eq!(smol::block_on(fut), 42);
+/// ```
+#[must_use = "futures do nothing unless polled"]
+pub struct CoroutineFuture<T> {
+    co: Coroutine<T>,
+    res: Arc<FutureResumer>,
+    started: bool,
+}
+
+// The future never pins its fields: the coroutine lives on its own stack.
+impl<T> Unpin for CoroutineFuture<T> {}
+
+impl<T: 'static> CoroutineFuture<T> {
+    /// Wraps `f` in a coroutine with the default stack.
+    ///
+    /// # Panics
+    ///
+    /// If no stack can be mapped (see [`coroutine::Builder::spawn`]).
+    #[track_caller]
+    pub fn new<F>(f: F) -> CoroutineFuture<T>
+    where
+        F: FnOnce() -> T + 'static,
+    {
+        match CoroutineFuture::with_builder(coroutine::Builder::new(), f) {
+            Ok(fut) => fut,
+            Err(e) => panic!("CoroutineFuture::new: cannot create the coroutine: {e}"),
+        }
+    }
+
+    /// Wraps `f` in a coroutine configured by `builder` (name, stack size).
+    ///
+    /// # Errors
+    ///
+    /// As [`coroutine::Builder::spawn`].
+    pub fn with_builder<F>(builder: coroutine::Builder, f: F) -> io::Result<CoroutineFuture<T>>
+    where
+        F: FnOnce() -> T + 'static,
+    {
+        let res = Arc::new(FutureResumer {
+            queue: ConcurrentQueue::unbounded(),
+            waker: AtomicWaker::new(),
+            polling: AtomicBool::new(false),
+            ctx: AioContext::current().map(|c| Arc::downgrade(&c.inner)),
+        });
+        let r2 = res.clone();
+        let co = builder.spawn(move || {
+            // However it ends (returned, panicked, unwound) and whoever
+            // entered it last, the task learns about it.
+            struct WakeOnExit(Arc<FutureResumer>);
+            impl Drop for WakeOnExit {
+                fn drop(&mut self) {
+                    self.0.waker.wake();
+                }
+            }
+            let _exit = WakeOnExit(r2);
+            f()
+        })?;
+        co.set_resumer(res.clone(), true);
+        Ok(CoroutineFuture {
+            co,
+            res,
+            started: false,
+        })
+    }
+
+    /// A waker for the coroutine inside (see [`Coroutine::waker`]).
+    pub fn waker(&self) -> std::task::Waker {
+        self.co.waker()
+    }
+
+    /// Whether the coroutine has finished.
+    pub fn is_finished(&self) -> bool {
+        self.co.is_finished()
+    }
+}
+
+/// Clears the polling flag however `poll` ends.
+struct Polling<'a>(&'a FutureResumer);
+
+impl Drop for Polling<'_> {
+    fn drop(&mut self) {
+        self.0.polling.store(false, Ordering::Relaxed);
+    }
+}
+
+impl<T: 'static> Future for CoroutineFuture<T> {
+    type Output = T;
+
+    #[track_caller]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let this = self.get_mut();
+        this.res.waker.register(cx.waker());
+        this.res.polling.store(true, Ordering::Relaxed);
+        let _polling = Polling(&this.res);
+        if !this.started {
+            this.started = true;
+            this.co.enter();
+        } else if this.co.is_finished() {
+            // Finished outside `poll` (entered by hand): nothing to run.
+        } else {
+            // The requests queued before this pass; later ones woke the
+            // task again, so they get their own pass (no starvation of
+            // the executor by a coroutine that keeps yielding).
+            let n = this.res.queue.len();
+            for _ in 0..n {
+                let Ok((r, kind)) = this.res.queue.pop() else {
+                    break;
+                };
+                // SAFETY: the future is !Send, so this is the thread that
+                // created it and every coroutine inheriting its resumer.
+                if let Request::Busy(r, kind) = unsafe { enter_request(r, kind) } {
+                    let _ = this.res.queue.push((r, kind));
+                    this.res.waker.wake();
+                }
+            }
+        }
+        if this.co.is_finished() {
+            match this.co.take_result() {
+                Some(v) => Poll::Ready(v),
+                None => panic!(
+                    "CoroutineFuture polled after it completed (or its coroutine panicked \
+                     while entered outside poll)"
+                ),
+            }
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl<T> fmt::Debug for CoroutineFuture<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoroutineFuture")
+            .field("started", &self.started)
+            .field("finished", &self.co.is_finished())
+            .finish()
+    }
+}
