@@ -34,9 +34,9 @@ mod fd;
 mod fdmon;
 mod iothread;
 mod notify;
+mod task;
 mod thread_pool;
 mod timer;
-mod task;
 mod wait;
 
 use std::cell::{Cell, RefCell, UnsafeCell};
@@ -49,6 +49,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+/// The handle of a task spawned on an AioContext (async-task's `Task`): a
+/// future of its output; dropping it cancels the task, `detach` lets it run.
+pub use async_task::Task;
 pub use bh::{Bh, LocalBh};
 pub use fd::{FdHandler, IoHandler, IoPollHandler, RawFdSource};
 pub use iothread::{IoThread, IoThreadBuilder};
@@ -56,9 +59,6 @@ pub use notify::EventNotifier;
 pub use thread_pool::ThreadPool;
 pub use timer::{ClockType, Timer};
 pub use wait::wait_kick;
-/// The handle of a task spawned on an AioContext (async-task's `Task`): a
-/// future of its output; dropping it cancels the task, `detach` lets it run.
-pub use async_task::Task;
 
 pub(crate) use co::thread_default_resumer;
 
@@ -343,7 +343,9 @@ impl AioContext {
     }
 
     fn timeout_ns(&self) -> Option<i64> {
-        if self.inner.bh.any_scheduled() || !self.inner.co.is_empty() || !self.inner.tasks.is_empty()
+        if self.inner.bh.any_scheduled()
+            || !self.inner.co.is_empty()
+            || !self.inner.tasks.is_empty()
         {
             return Some(0);
         }

@@ -309,7 +309,10 @@ impl AioContext {
     {
         let weak = Arc::downgrade(&self.inner);
         let home = self.inner.home_serial();
-        let fut = SpawnedCoroutine { f: Some(f), fut: None };
+        let fut = SpawnedCoroutine {
+            f: Some(f),
+            fut: None,
+        };
         // SAFETY: `fut` is `Send` until first polled (it then holds a
         // `!Send` coroutine). It is only polled by `run_tasks`, on the home
         // thread. It is dropped by `run_tasks` or `TaskQueues::clear` on
