@@ -23,9 +23,20 @@
 //!   `co_recv(v)`, and [`io::CoFd`], whose `Read`/`Write` suspend instead
 //!   of blocking, so synchronous code (`std::io::copy`, `BufRead`) runs
 //!   inside coroutines.
+//! * [`future`]: coroutines and async Rust both ways on the same threads —
+//!   [`future::CoroutineFuture`] (a coroutine any executor can poll),
+//!   [`future::await_future`] (a future awaited inside a coroutine),
+//!   `AioContext::{block_on, spawn, spawn_local, spawn_coroutine}` (tasks
+//!   run as the context's own work items), `AioContext::run_in_smol` (the
+//!   context driven from a smol executor; `smol` feature, on by default),
+//!   and [`sync::CoMutex::lock_async`] / [`sync::CoQueue::wait_async`] so
+//!   one lock serves coroutines and tasks.
 //!
-//! Planned, in this order: bridges with Rust futures and smol, and
-//! io_uring / Linux AIO file I/O.
+//! Planned: io_uring / Linux AIO file I/O.
+//!
+//! # Feature flags
+//!
+//! * `smol` (default): `AioContext::run_in_smol`, on async-io.
 //!
 //! # Example
 //!
@@ -140,6 +151,12 @@
 //! | `QemuCoSleep`, `qemu_co_sleep_ns_wakeable`, `qemu_co_sleep_wake` | [`sync::CoSleep`]: [`sleep`](sync::CoSleep::sleep), [`sleep_for`](sync::CoSleep::sleep_for), [`wake`](sync::CoSleep::wake) |
 //! | `yield_until_fd_readable` | [`io::yield_until_fd_readable`], [`io::yield_until_fd_writable`] |
 //! | `qemu_co_sendv_recvv`, `qemu_co_send/recv(v)` | [`io::co_sendv`], [`io::co_recvv`], [`io::co_send`], [`io::co_recv`]; [`io::CoFd`] |
+//! | a future awaited in a coroutine (QEMU's Rust bindings: the waker calls `aio_co_wake`) | [`future::await_future`] |
+//! | a coroutine as a future | [`future::CoroutineFuture`] |
+//! | running a loop until a condition, from async code | [`aio::AioContext::block_on`] |
+//! | tasks on the loop | [`aio::AioContext::spawn`], [`spawn_local`](aio::AioContext::spawn_local), [`spawn_coroutine`](aio::AioContext::spawn_coroutine) → [`aio::Task`] |
+//! | `aio_get_g_source` (the loop inside another event loop) | `AioContext::run_in_smol` (feature `smol`), or [`prepare`](aio::AioContext::prepare) / [`pending`](aio::AioContext::pending) / [`dispatch`](aio::AioContext::dispatch) |
+//! | `CoMutex` / `CoQueue` from async code | [`sync::CoMutex::lock_async`], [`sync::CoQueue::wait_async`], [`wait_unlocked_async`](sync::CoQueue::wait_unlocked_async) |
 //!
 //! # Threads
 //!
