@@ -29,7 +29,9 @@ impl AioContext {
     /// tasks) together.
     ///
     /// The future never completes; drop it (or race it with
-    /// `futures_lite::future::or`) to stop driving the context.
+    /// `futures_lite::future::or`) to stop driving the context. It is
+    /// `!Send`: spawn it on a `LocalExecutor` (or `block_on`) of the home
+    /// thread.
     ///
     /// # Panics
     ///
@@ -56,6 +58,8 @@ impl AioContext {
     pub fn run_in_smol(&self) -> impl Future<Output = ()> + 'static {
         let ctx = self.clone();
         async move {
+            // The driver stays on the home thread: keep the future !Send.
+            let _home_only = std::marker::PhantomData::<*const ()>;
             // A duplicate of the epoll fd for async-io to own and register.
             // It sets O_NONBLOCK on the shared file description, which
             // `epoll_wait` and `ppoll` on the epoll fd ignore.
