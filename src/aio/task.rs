@@ -65,6 +65,9 @@ impl TaskQueues {
 /// `propagate_panic`), so it never unwinds out of `poll`.
 pub(crate) fn run_tasks(ctx: &AioContext) -> bool {
     let q = &ctx.inner.tasks;
+    if q.is_empty() {
+        return false;
+    }
     let n = q.send.len() + q.local.len();
     let mut ran = 0;
     while ran < n {

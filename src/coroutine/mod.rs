@@ -342,6 +342,18 @@ impl<T> Coroutine<T> {
         self.h.as_ptr() as usize
     }
 
+    /// Clears the queued-request flags of requests a driver took (RMW, see
+    /// `WakeFlag`), before entering the coroutine for them.
+    pub(crate) fn release_request_flags(&self, scheduled: bool, woken: bool) {
+        let h = self.header();
+        if scheduled {
+            h.scheduled.release();
+        }
+        if woken {
+            h.woken.release();
+        }
+    }
+
     pub(crate) fn remote_ref(&self) -> RemoteRef {
         RemoteRef::new(self.header())
     }
@@ -734,6 +746,11 @@ impl RemoteRef {
             h: NonNull::from(h),
             generation: h.generation.load(Ordering::Acquire),
         }
+    }
+
+    /// The header's address (identity only).
+    pub(crate) fn header_addr(&self) -> usize {
+        self.h.as_ptr() as usize
     }
 
     /// The header. Off the home thread only its atomic fields may be read.

@@ -99,6 +99,11 @@ impl RemoteCoroutine {
         unsafe { self.r.upgrade() }
     }
 
+    /// Whether this handle is for `co` (same header, same generation).
+    pub(crate) fn is_for<T>(&self, co: &Coroutine<T>) -> bool {
+        self.r.header_addr() == co.header_addr() && self.r.is_current()
+    }
+
     /// Whether something drives the coroutine (an AioContext or a
     /// `CoroutineFuture`).
     pub(crate) fn has_resumer(&self) -> bool {

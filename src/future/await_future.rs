@@ -1,12 +1,13 @@
 //! `await_future`: a Rust future awaited inside a coroutine.
 
+use std::cell::Cell;
 use std::future::{Future, IntoFuture};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use crate::coroutine::{self, Coroutine, RemoteCoroutine};
+use crate::coroutine::{self, Coroutine, Erased, RemoteCoroutine};
 
 /// The waker `await_future` hands to the future: it records that the
 /// future asked to be polled (the wait's own grant state) and queues the
@@ -26,6 +27,53 @@ impl Wake for Signal {
         // that follows (pairs with the Acquire swap below).
         self.fired.store(true, Ordering::Release);
         self.co.wake();
+    }
+}
+
+thread_local! {
+    /// The signal of the last `await_future` that ended with no waker
+    /// clone outstanding: reused by the next one for the same coroutine,
+    /// so awaiting costs no allocation and no reference counting.
+    static SPARE: Cell<Option<Arc<Signal>>> = const { Cell::new(None) };
+}
+
+/// A signal for the current coroutine `me`: the spare one if it is
+/// unshared and for `me`, else a new one.
+#[track_caller]
+fn signal_for(me: &Coroutine<Erased>) -> Arc<Signal> {
+    if let Some(mut s) = SPARE.with(Cell::take) {
+        if s.co.is_for(me) {
+            if let Some(sig) = Arc::get_mut(&mut s) {
+                // Unshared: no old waker can set it any more.
+                *sig.fired.get_mut() = false;
+                return s;
+            }
+        }
+    }
+    let remote = me.remote();
+    if !remote.has_resumer() {
+        panic!(
+            "await_future: this coroutine has no resumer (create it where an AioContext \
+             exists, or inside a CoroutineFuture), so its waker could not resume it"
+        );
+    }
+    Arc::new(Signal {
+        fired: AtomicBool::new(false),
+        co: remote,
+    })
+}
+
+/// Offers the signal for reuse when `await_future` ends (normally or by
+/// unwinding), if the future kept no clone of its waker.
+struct Recycle(Arc<Signal>);
+
+impl Drop for Recycle {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.0) == 1 {
+            let s = self.0.clone();
+            // Replacing the spare drops the older one: fine, it is unshared.
+            SPARE.with(|c| c.set(Some(s)));
+        }
     }
 }
 
@@ -72,19 +120,10 @@ pub fn await_future<F: IntoFuture>(fut: F) -> F::Output {
     let Some(me) = Coroutine::current() else {
         panic!("await_future called outside a coroutine (use AioContext::block_on there)");
     };
-    let remote = me.remote();
+    // Declared before the waker, so dropped after it.
+    let signal = Recycle(signal_for(&me));
     drop(me);
-    if !remote.has_resumer() {
-        panic!(
-            "await_future: this coroutine has no resumer (create it where an AioContext \
-             exists, or inside a CoroutineFuture), so its waker could not resume it"
-        );
-    }
-    let signal = Arc::new(Signal {
-        fired: AtomicBool::new(false),
-        co: remote,
-    });
-    let waker = Waker::from(signal.clone());
+    let waker = Waker::from(signal.0.clone());
     let mut cx = Context::from_waker(&waker);
     let mut fut = pin!(fut.into_future());
     loop {
@@ -96,7 +135,7 @@ pub fn await_future<F: IntoFuture>(fut: F) -> F::Output {
         // first (a self-waking future is a yield, not a spin).
         loop {
             coroutine::suspend();
-            if signal.fired.swap(false, Ordering::Acquire) {
+            if signal.0.fired.swap(false, Ordering::Acquire) {
                 break;
             }
         }

@@ -4,7 +4,7 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 
@@ -17,6 +17,12 @@ use crate::coroutine::{self, enter_request, CoReqKind, Coroutine, RemoteRef, Req
 /// The resumer of a `CoroutineFuture`: a queue that any thread may push
 /// to, and the task waker of whoever polls the future.
 pub(crate) struct FutureResumer {
+    /// The future's own coroutine (its header address, set once created):
+    /// its requests skip the queue and only set `main_req`.
+    main: AtomicUsize,
+    /// Pending requests of the main coroutine: `SCHEDULE` | `WAKE`.
+    main_req: AtomicU8,
+    /// Requests of the coroutines created inside it.
     queue: ConcurrentQueue<(RemoteRef, CoReqKind)>,
     waker: AtomicWaker,
     /// Set while the future is being polled (home thread only).
@@ -28,7 +34,12 @@ pub(crate) struct FutureResumer {
 
 impl Resumer for FutureResumer {
     fn queue(&self, co: RemoteRef, kind: CoReqKind) {
-        let _ = self.queue.push((co, kind));
+        if co.header_addr() == self.main.load(Ordering::Relaxed) {
+            // Release: pairs with the Acquire swap in `poll`.
+            self.main_req.fetch_or(req_bit(kind), Ordering::Release);
+        } else {
+            let _ = self.queue.push((co, kind));
+        }
         self.waker.wake();
     }
 
@@ -44,6 +55,16 @@ impl Resumer for FutureResumer {
         // them at once (or through wake-up lists), as QEMU's do; otherwise
         // they go through the queue, and the task is woken.
         self.polling.load(Ordering::Relaxed)
+    }
+}
+
+const SCHEDULE: u8 = 1;
+const WAKE: u8 = 2;
+
+fn req_bit(kind: CoReqKind) -> u8 {
+    match kind {
+        CoReqKind::Schedule => SCHEDULE,
+        CoReqKind::Wake => WAKE,
     }
 }
 
@@ -118,6 +139,8 @@ impl<T: 'static> CoroutineFuture<T> {
         F: FnOnce() -> T + 'static,
     {
         let res = Arc::new(FutureResumer {
+            main: AtomicUsize::new(0),
+            main_req: AtomicU8::new(0),
             queue: ConcurrentQueue::unbounded(),
             waker: AtomicWaker::new(),
             polling: AtomicBool::new(false),
@@ -137,6 +160,7 @@ impl<T: 'static> CoroutineFuture<T> {
             f()
         })?;
         co.set_resumer(res.clone(), true);
+        res.main.store(co.header_addr(), Ordering::Relaxed);
         Ok(CoroutineFuture {
             co,
             res,
@@ -179,10 +203,28 @@ impl<T: 'static> Future for CoroutineFuture<T> {
         } else if this.co.is_finished() {
             // Finished outside `poll` (entered by hand): nothing to run.
         } else {
+            let req = this.res.main_req.swap(0, Ordering::Acquire);
+            if req != 0 {
+                if this.co.is_entered() {
+                    // Polled from inside itself (a nested executor): later.
+                    this.res.main_req.fetch_or(req, Ordering::Relaxed);
+                    this.res.waker.wake();
+                } else {
+                    // Clear the flags the requests claimed (RMW, see
+                    // `WakeFlag`), then enter once for both.
+                    this.co
+                        .release_request_flags(req & SCHEDULE != 0, req & WAKE != 0);
+                    this.co.enter();
+                }
+            }
             // The requests queued before this pass; later ones woke the
             // task again, so they get their own pass (no starvation of
             // the executor by a coroutine that keeps yielding).
-            let n = this.res.queue.len();
+            let n = if this.res.queue.is_empty() {
+                0
+            } else {
+                this.res.queue.len()
+            };
             for _ in 0..n {
                 let Ok((r, kind)) = this.res.queue.pop() else {
                     break;
