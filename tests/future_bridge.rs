@@ -682,3 +682,44 @@ fn run_in_smol_drives_bhs_timers_and_coroutines() {
     assert!(co.is_finished());
     assert_eq!(smol_side.get(), 5);
 }
+
+// A waker kept by a finished await is stale for the next await of the
+// same coroutine: firing it does not poll the new future again.
+#[test]
+fn await_future_old_waker_does_not_poll_the_next_future() {
+    struct Keep(Rc<RefCell<Option<Waker>>>, bool);
+    impl Future for Keep {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            *self.0.borrow_mut() = Some(cx.waker().clone());
+            if self.1 {
+                return Poll::Ready(());
+            }
+            self.1 = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
+    let ctx = AioContext::new().unwrap();
+    let kept = Rc::new(RefCell::new(None));
+    let gate = Gate::default();
+    let (k, g) = (kept.clone(), gate.clone());
+    let co = Coroutine::new(move || {
+        for _ in 0..3 {
+            await_future(Keep(k.clone(), false));
+        }
+        await_future(g.wait());
+    });
+    co.enter();
+    while ctx.poll(false) {}
+    assert_eq!(gate.polls(), 1);
+    let old = kept.borrow_mut().take().unwrap();
+    for _ in 0..10 {
+        old.wake_by_ref();
+        while ctx.poll(false) {}
+    }
+    assert_eq!(gate.polls(), 1, "a stale waker re-polled the next future");
+    gate.fire();
+    ctx.poll_while(|| !co.is_finished());
+    assert_eq!(gate.polls(), 2);
+}
