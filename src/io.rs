@@ -6,12 +6,119 @@
 //! `WouldBlock`, so synchronous libraries (`std::io::copy`, `BufRead`
 //! line readers, serde readers) work inside coroutines.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::{AsFd, AsRawFd};
-use std::rc::Rc;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
 
+use crate::aio::{AioContext, FdHandler, RawFdSource};
+use crate::coroutine::RemoteCoroutine;
 use crate::Coroutine;
+
+/// One coroutine waiting for one direction of an fd.
+struct Waiting {
+    ready: Rc<Cell<bool>>,
+    remote: RemoteCoroutine,
+}
+
+/// The waits on one fd of one context: a reader and a writer may wait at
+/// once (QEMU's `qio_channel_yield` keeps a read and a write coroutine per
+/// channel), sharing one fd handler watching the directions awaited.
+#[derive(Default)]
+struct FdWaits {
+    read: Option<Waiting>,
+    write: Option<Waiting>,
+    handler: Option<FdHandler<RawFdSource>>,
+}
+
+type WaitKey = (usize, RawFd);
+
+thread_local! {
+    /// Per (context, fd): the waits in progress on this thread.
+    static WAITS: RefCell<HashMap<WaitKey, Rc<RefCell<FdWaits>>>> = RefCell::new(HashMap::new());
+}
+
+impl FdWaits {
+    fn slot(&mut self, write: bool) -> &mut Option<Waiting> {
+        if write {
+            &mut self.write
+        } else {
+            &mut self.read
+        }
+    }
+}
+
+/// The fd became ready in one direction: wake its waiter.
+fn fire(entry: &Weak<RefCell<FdWaits>>, write: bool) {
+    let Some(e) = entry.upgrade() else { return };
+    let w = {
+        let mut e = e.borrow_mut();
+        e.slot(write)
+            .as_ref()
+            .map(|w| (w.ready.clone(), w.remote.clone()))
+    };
+    if let Some((ready, remote)) = w {
+        if !ready.replace(true) {
+            // SAFETY: fd handlers run on the context's home thread, which
+            // is the home thread of the coroutines it resumes.
+            if let Some(co) = unsafe { remote.upgrade_home() } {
+                co.wake();
+            }
+        }
+    }
+}
+
+/// Registers the fd handler for the directions now awaited (or none).
+fn rearm(ctx: &AioContext, key: WaitKey, entry: &Rc<RefCell<FdWaits>>) -> io::Result<()> {
+    let old = entry.borrow_mut().handler.take();
+    drop(old);
+    let (r, w) = {
+        let e = entry.borrow();
+        (e.read.is_some(), e.write.is_some())
+    };
+    if !r && !w {
+        WAITS.with(|m| m.borrow_mut().remove(&key));
+        return Ok(());
+    }
+    let cb = |write: bool| -> crate::aio::IoHandler {
+        let weak = Rc::downgrade(entry);
+        Box::new(move || fire(&weak, write))
+    };
+    // SAFETY: the fd is borrowed by every waiter in `entry` for the whole
+    // of its wait, and the handler is dropped when the last one leaves
+    // (`WaitGuard`), so it never outlives the fd.
+    let h = unsafe {
+        ctx.set_fd_handler_raw(
+            key.1,
+            false,
+            r.then(|| cb(false)),
+            w.then(|| cb(true)),
+            None,
+        )?
+    };
+    entry.borrow_mut().handler = Some(h);
+    Ok(())
+}
+
+/// Ends one wait (normally or while unwinding) and re-arms the handler.
+struct WaitGuard {
+    ctx: AioContext,
+    key: WaitKey,
+    entry: Rc<RefCell<FdWaits>>,
+    write: bool,
+}
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        let w = self.entry.borrow_mut().slot(self.write).take();
+        drop(w);
+        if let Err(e) = rearm(&self.ctx, self.key, &self.entry) {
+            log::error!("coroloop: io: cannot re-arm fd {}: {e}", self.key.1);
+        }
+    }
+}
 
 fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
     let Some(me) = Coroutine::current() else {
@@ -22,42 +129,53 @@ fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
             "{api}: the coroutine has no AioContext to watch the fd"
         )));
     };
+    let raw = fd.as_fd().as_raw_fd();
+    let key = (Arc::as_ptr(&ctx.inner) as usize, raw);
+    let entry = WAITS.with(|m| m.borrow_mut().entry(key).or_default().clone());
     let ready = Rc::new(Cell::new(false));
-    let r = ready.clone();
-    let remote = me.remote();
-    drop(me);
-    let cb: crate::aio::IoHandler = Box::new(move || {
-        if !r.replace(true) {
-            // SAFETY: fd handlers run on the context's home thread, which is
-            // the home thread of the coroutines it resumes.
-            if let Some(co) = unsafe { remote.upgrade_home() } {
-                co.wake();
-            }
+    {
+        let mut e = entry.borrow_mut();
+        let slot = e.slot(write);
+        if slot.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{api}: another coroutine already waits for fd {raw} to become {}",
+                    if write { "writable" } else { "readable" }
+                ),
+            ));
         }
-    });
-    let (read_cb, write_cb) = if write {
-        (None, Some(cb))
-    } else {
-        (Some(cb), None)
+        *slot = Some(Waiting {
+            ready: ready.clone(),
+            remote: me.remote(),
+        });
+    }
+    drop(me);
+    let guard = WaitGuard {
+        ctx,
+        key,
+        entry,
+        write,
     };
-    // SAFETY: `fd` is borrowed for the whole call and the handler is
-    // dropped (unregistered) before this function returns or unwinds.
-    let handler =
-        unsafe { ctx.set_fd_handler_raw(fd.as_fd().as_raw_fd(), false, read_cb, write_cb, None)? };
+    rearm(&guard.ctx, key, &guard.entry)?;
     while !ready.get() {
         crate::coroutine::suspend();
     }
-    drop(handler);
+    drop(guard);
     Ok(())
 }
 
 /// Suspends the current coroutine until `fd` is readable (or hung up),
 /// using its AioContext (QEMU's `yield_until_fd_readable`).
 ///
+/// One coroutine may wait for an fd to become readable while another waits
+/// for it to become writable (a reader and a writer sharing a socket).
+///
 /// # Errors
 ///
-/// If the coroutine has no AioContext, or the fd cannot be watched
-/// (already watched by this context, a regular file).
+/// If the coroutine has no AioContext, the fd cannot be watched (watched
+/// by an fd handler of this context, a regular file), or another coroutine
+/// already waits for the same fd in the same direction (`AlreadyExists`).
 ///
 /// # Panics
 ///

@@ -105,3 +105,54 @@ fn co_send_recv_report_eof_and_errors() {
     ctx.poll_while(|| !co.is_finished());
     assert_eq!(co.take_result(), Some(4));
 }
+
+// A reader and a writer coroutine wait on the same socket at once (QEMU's
+// NBD server does this: a receive coroutine and reply writers): both
+// directions are watched through one registration; a second waiter for the
+// same direction is refused with AlreadyExists.
+#[test]
+fn reader_and_writer_wait_on_one_socket() {
+    use std::os::unix::net::UnixStream;
+    let ctx = AioContext::new().unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let ours = Rc::new(ours);
+    const BIG: usize = 8 << 20; // far more than the socket buffer
+    let (r, w) = (ours.clone(), ours.clone());
+    let reader = Coroutine::new(move || {
+        let mut fd = CoFd::new(r).unwrap();
+        let mut buf = [0u8; 5];
+        fd.read_exact(&mut buf).unwrap(); // waits readable
+        buf
+    });
+    let writer = Coroutine::new(move || {
+        let mut fd = CoFd::new(w).unwrap();
+        fd.write_all(&vec![7u8; BIG]).unwrap(); // waits writable
+        "written"
+    });
+    reader.enter();
+    writer.enter();
+    assert!(!reader.is_finished() && !writer.is_finished());
+    // A second reader of the same fd is refused while the first waits.
+    let r2 = ours.clone();
+    let second = Coroutine::new(move || {
+        coroloop::io::yield_until_fd_readable(&*r2)
+            .unwrap_err()
+            .kind()
+    });
+    second.enter();
+    assert_eq!(
+        second.take_result(),
+        Some(std::io::ErrorKind::AlreadyExists)
+    );
+    let peer = std::thread::spawn(move || {
+        let mut theirs = theirs;
+        let mut got = vec![0u8; BIG];
+        theirs.read_exact(&mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 7));
+        theirs.write_all(b"hello").unwrap();
+    });
+    ctx.poll_while(|| !reader.is_finished() || !writer.is_finished());
+    peer.join().unwrap();
+    assert_eq!(&reader.take_result().unwrap(), b"hello");
+    assert_eq!(writer.take_result(), Some("written"));
+}
