@@ -62,6 +62,9 @@ impl ThreadPool {
         let mut st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
         st.jobs.push_back(job);
         if st.idle > 0 {
+            // Notify after unlocking: the woken worker must not block on
+            // the mutex we still hold.
+            drop(st);
             self.shared.cv.notify_one();
             return;
         }
