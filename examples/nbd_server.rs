@@ -463,9 +463,15 @@ impl Server {
             },
         };
         self.served.set(self.served.get() + 1);
-        if let Err(e) = wr.lock().write_all(&reply) {
-            // The client is gone; its receive coroutine sees it too.
-            log!("reply to request {:#x}: {e}", req.cookie);
+        let mut w = wr.lock();
+        if let Err(e) = w.write_all(&reply) {
+            // A reply cut short would misframe every later one: close the
+            // connection (its receive coroutine then ends too).
+            log!(
+                "reply to request {:#x}: {e}; closing the connection",
+                req.cookie
+            );
+            let _ = w.get_ref().shutdown(Shutdown::Both);
         }
     }
 }
