@@ -40,7 +40,7 @@ use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use coroloop::aio::{AioContext, FdHandler, IoThread};
+use coroloop::aio::{AioContext, ClockType, FdHandler, IoThread, Timer};
 use coroloop::io::CoFd;
 use coroloop::sync::{CoMutex, CoQueue};
 use coroloop::Coroutine;
@@ -135,7 +135,10 @@ impl Export {
 struct Server {
     ctx: AioContext,
     export: Export,
+    socket: Rc<TcpListener>,
     listener: RefCell<Option<FdHandler<Rc<TcpListener>>>>,
+    /// Re-enables accepting after running out of file descriptors.
+    resume: RefCell<Option<Timer>>,
     clients: RefCell<HashMap<u64, Rc<TcpStream>>>,
     next_id: Cell<u64>,
     stopping: Cell<bool>,
@@ -144,10 +147,46 @@ struct Server {
 }
 
 impl Server {
+    /// Watches the listening socket (again).
+    fn listen(self: &Rc<Self>) -> io::Result<()> {
+        let s = Rc::downgrade(self);
+        let h = self.ctx.set_fd_handler(
+            self.socket.clone(),
+            false,
+            Some(Box::new(move || {
+                if let Some(s) = s.upgrade() {
+                    s.accept_ready();
+                }
+            })),
+            None,
+            None,
+        )?;
+        *self.listener.borrow_mut() = Some(h);
+        Ok(())
+    }
+
+    /// Out of file descriptors: stop watching the listener for a while
+    /// (it would stay readable and spin the loop), keep serving clients.
+    fn pause_accepting(self: &Rc<Self>) {
+        drop(self.listener.borrow_mut().take());
+        let s = Rc::downgrade(self);
+        let t = self.ctx.timer_new(ClockType::Realtime, move || {
+            if let Some(s) = s.upgrade() {
+                if !s.stopping.get() {
+                    if let Err(e) = s.listen() {
+                        log!("cannot watch the listener again: {e}");
+                    }
+                }
+            }
+        });
+        t.mod_after(Duration::from_millis(100));
+        *self.resume.borrow_mut() = Some(t);
+    }
+
     /// Accepts every pending connection; each gets its own coroutine.
-    fn accept_ready(self: &Rc<Self>, listener: &TcpListener) {
+    fn accept_ready(self: &Rc<Self>) {
         loop {
-            match listener.accept() {
+            match self.socket.accept() {
                 Ok((stream, peer)) => {
                     let id = self.next_id.get();
                     self.next_id.set(id + 1);
@@ -165,9 +204,14 @@ impl Server {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    log!("accept: {e}; not accepting for 100 ms");
+                    self.pause_accepting();
+                    return;
+                }
                 Err(e) => {
-                    // EMFILE/ENFILE and the like: log, keep serving the
-                    // clients we have; the listener is tried again later.
+                    // ECONNABORTED and the like: that connection is lost,
+                    // the next one may be fine.
                     log!("accept: {e}");
                     return;
                 }
@@ -189,6 +233,7 @@ impl Server {
     fn stop(&self) {
         self.stopping.set(true);
         drop(self.listener.borrow_mut().take());
+        drop(self.resume.borrow_mut().take());
         let clients: Vec<_> = self.clients.borrow().values().cloned().collect();
         for s in clients {
             let _ = s.shutdown(Shutdown::Read);
@@ -802,36 +847,20 @@ fn start(file: File, read_only: bool, port: u16) -> io::Result<Running> {
                 size,
                 read_only,
             },
+            socket: Rc::new(listener),
             listener: RefCell::new(None),
+            resume: RefCell::new(None),
             clients: RefCell::new(HashMap::new()),
             next_id: Cell::new(0),
             stopping: Cell::new(false),
             stopped: stopped_tx,
             served: Cell::new(0),
         });
-        let listener = Rc::new(listener);
-        let (s, l) = (Rc::downgrade(&srv), listener.clone());
-        let r = ctx.set_fd_handler(
-            listener,
-            false,
-            Some(Box::new(move || {
-                if let Some(s) = s.upgrade() {
-                    s.accept_ready(&l);
-                }
-            })),
-            None,
-            None,
-        );
-        match r {
-            Ok(h) => {
-                *srv.listener.borrow_mut() = Some(h);
-                SERVER.with(|g| *g.borrow_mut() = Some(srv));
-                let _ = ready_tx.send(Ok(()));
-            }
-            Err(e) => {
-                let _ = ready_tx.send(Err(e));
-            }
+        let r = srv.listen();
+        if r.is_ok() {
+            SERVER.with(|g| *g.borrow_mut() = Some(srv));
         }
+        let _ = ready_tx.send(r);
     });
     ready
         .recv()

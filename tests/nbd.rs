@@ -177,14 +177,21 @@ impl Server {
     /// Starts `nbd_server --port 0 EXTRA... IMAGE` and waits for its
     /// `listening on 127.0.0.1:PORT` line.
     fn start(image: &Path, extra: &[&str]) -> Server {
+        Server::start_with(image, extra, |_| {})
+    }
+
+    /// As `start`, with `configure` applied to the command first.
+    fn start_with(image: &Path, extra: &[&str], configure: impl FnOnce(&mut Command)) -> Server {
         let bin = server_binary();
-        let mut child = Command::new(&bin)
-            .args(["--port", "0"])
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--port", "0"])
             .args(extra)
             .arg(image)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        configure(&mut cmd);
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let stdout: ChildStdout = child.stdout.take().unwrap();
@@ -1566,4 +1573,66 @@ fn size_creates_sparse_image() {
     assert_bytes_eq(&data[4096..], &[0; 4096], "the extension");
     c.disconnect();
     server.stop();
+}
+
+// EMFILE on accept: with a tiny fd limit, connections beyond it are not
+// accepted for a while (logged), the loop does not spin, the clients it
+// has are served, and once they leave new clients are served again.
+#[test]
+fn emfile_on_accept_is_logged_and_survived() {
+    use std::os::unix::process::CommandExt;
+    let (img, _) = fixture("emfile");
+    let mut server = Server::start_with(&img.path, &[], |cmd| {
+        // SAFETY: between fork and exec only setrlimit (async-signal-safe)
+        // runs, on a stack-local struct.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: 24,
+                    rlim_max: 24,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    // More connections than the server has descriptors for. The kernel
+    // completes them (backlog); the server accepts until EMFILE.
+    let clients: Vec<TcpStream> = (0..40)
+        .map(|_| TcpStream::connect(("127.0.0.1", server.port)).expect("connect"))
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    server.assert_running("40 connections against a limit of 24 descriptors");
+    drop(clients);
+    // Clients gone: descriptors come back, accepting resumes.
+    let t0 = Instant::now();
+    loop {
+        let out = run_tool(
+            "qemu-io",
+            &[
+                "-r".into(),
+                "-f".into(),
+                "raw".into(),
+                server.url(),
+                "-c".into(),
+                format!("read -P 0xa5 0 {FIXTURE_HEAD}"),
+            ],
+        );
+        if out.status.success() && !out.text.contains("fail") && !out.text.contains("rror") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "not serving again after EMFILE: {}",
+            out.text
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let err = server.stop();
+    assert!(
+        err.contains("not accepting for 100 ms"),
+        "EMFILE was not logged; stderr:\n{err}"
+    );
 }
