@@ -181,7 +181,17 @@ impl AioContext {
     ///
     /// # Panics
     ///
-    /// Off the home thread.
+    /// Off the home thread. A coroutine cannot be entered from another
+    /// thread in the first place: its handle is `!Send`, so it cannot be
+    /// moved there (wake it through [`Coroutine::remote`] instead).
+    ///
+    /// ```compile_fail,E0277
+    /// use coroloop::{aio::AioContext, Coroutine};
+    ///
+    /// let ctx = AioContext::new().unwrap(); // `Send + Sync`
+    /// let co = Coroutine::new(|| ()); // `!Send`
+    /// std::thread::spawn(move || ctx.co_enter(&co));
+    /// ```
     #[doc(alias = "aio_co_enter")]
     #[doc(alias = "qemu_aio_coroutine_enter")]
     #[track_caller]

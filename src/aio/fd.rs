@@ -262,7 +262,16 @@ impl Drop for Restore<'_> {
 /// A registered fd handler (QEMU's `AioHandler`): owns the fd, so it cannot
 /// be closed while the loop watches it. Dropping the handle (or
 /// [`remove`](FdHandler::remove)) unregisters it first. `!Send`: it belongs
-/// to the context's home thread.
+/// to the context's home thread (the fd it gives back may travel):
+///
+/// ```compile_fail,E0277
+/// use coroloop::aio::AioContext;
+///
+/// let ctx = AioContext::new().unwrap();
+/// let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+/// let h = ctx.set_fd_handler(a, false, Some(Box::new(|| ())), None, None).unwrap();
+/// std::thread::spawn(move || drop(h));
+/// ```
 pub struct FdHandler<T: AsFd> {
     fd: Option<T>,
     raw: RawFd,

@@ -236,6 +236,16 @@ impl Timers {
 /// A timer on a context (QEMU's `QEMUTimer`): runs its callback on the
 /// home thread once its deadline passes. `!Send`; dropping it deletes it.
 ///
+/// Its callback need not be `Send`, so the timer stays on the home thread:
+///
+/// ```compile_fail,E0277
+/// use coroloop::aio::{AioContext, ClockType};
+///
+/// let ctx = AioContext::new().unwrap();
+/// let timer = ctx.timer_new(ClockType::Virtual, || ());
+/// std::thread::spawn(move || timer.mod_ns(0));
+/// ```
+///
 /// # Examples
 ///
 /// ```

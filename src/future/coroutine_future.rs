@@ -88,6 +88,15 @@ fn req_bit(kind: CoReqKind) -> u8 {
 /// It is `!Send`, like the coroutine: spawn it with
 /// `smol::LocalExecutor`, tokio's `LocalSet`, a `block_on`, or
 /// [`AioContext::spawn_local`](crate::aio::AioContext::spawn_local).
+/// A work-stealing executor, which may poll it on any of its threads,
+/// does not accept it:
+///
+/// ```compile_fail,E0277
+/// use coroloop::future::CoroutineFuture;
+///
+/// let task = smol::spawn(CoroutineFuture::new(|| 1 + 1));
+/// assert_eq!(smol::block_on(task), 2);
+/// ```
 ///
 /// # Examples
 ///

@@ -406,7 +406,18 @@ impl<T: ?Sized> fmt::Debug for CoMutexLockFuture<'_, T> {
 }
 
 /// Access to a [`CoMutex`]'s value; unlocks when dropped (QEMU's
-/// `qemu_co_mutex_unlock`). `!Send`.
+/// `qemu_co_mutex_unlock`). `!Send`: the coroutine holding the lock never
+/// changes thread, and neither does its guard.
+///
+/// ```compile_fail,E0277
+/// use coroloop::sync::CoMutex;
+///
+/// let m = CoMutex::new(0); // `Send + Sync`
+/// let g = m.try_lock().unwrap();
+/// std::thread::scope(|s| {
+///     s.spawn(move || drop(g));
+/// });
+/// ```
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct CoMutexGuard<'a, T: ?Sized> {
     m: &'a CoMutex<T>,

@@ -265,14 +265,36 @@ impl<T: ?Sized> fmt::Debug for CoRwLock<T> {
     }
 }
 
-/// Shared access to a [`CoRwLock`]'s value. `!Send`.
+/// Shared access to a [`CoRwLock`]'s value. `!Send`, as the coroutine
+/// holding it:
+///
+/// ```compile_fail,E0277
+/// use coroloop::sync::CoRwLock;
+///
+/// let l = CoRwLock::new(0); // `Send + Sync`
+/// let r = l.try_read().unwrap();
+/// std::thread::scope(|s| {
+///     s.spawn(move || drop(r));
+/// });
+/// ```
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct CoRwLockReadGuard<'a, T: ?Sized> {
     l: &'a CoRwLock<T>,
     _not_send: PhantomData<*const ()>,
 }
 
-/// Exclusive access to a [`CoRwLock`]'s value. `!Send`.
+/// Exclusive access to a [`CoRwLock`]'s value. `!Send`, as the coroutine
+/// holding it:
+///
+/// ```compile_fail,E0277
+/// use coroloop::sync::CoRwLock;
+///
+/// let l = CoRwLock::new(0); // `Send + Sync`
+/// let w = l.try_write().unwrap();
+/// std::thread::scope(|s| {
+///     s.spawn(move || drop(w));
+/// });
+/// ```
 #[must_use = "the lock is released when the guard is dropped"]
 pub struct CoRwLockWriteGuard<'a, T: ?Sized> {
     l: &'a CoRwLock<T>,
