@@ -8,9 +8,6 @@
 //! entered from another thread, a `CoroutineFuture` on a work-stealing
 //! executor) is covered by `compile_fail` doctests next to those types.
 //!
-//! Tests marked `#[ignore = "BUG: ..."]` state the documented behaviour the
-//! library does not (yet) have; run them with `cargo test --test misuse --
-//! --ignored`.
 
 use std::cell::{Cell, RefCell};
 use std::io::{ErrorKind, Write};
@@ -243,8 +240,6 @@ fn coqueue_wait_unlocked_outside_a_coroutine_panics() {
 }
 
 #[test]
-#[ignore = "BUG: CoQueue::wait_unlocked outside a coroutine panics with \
-            \"CoQueue::wait called outside a coroutine\", naming another call"]
 fn coqueue_wait_unlocked_names_itself() {
     let q = CoQueue::new();
     assert_eq!(
@@ -308,9 +303,6 @@ fn cosleep_outside_a_coroutine_and_twice_panic() {
 }
 
 #[test]
-#[ignore = "BUG: CoSleep::sleep_for outside a coroutine panics with \
-            \"CoSleep::sleep_for: the coroutine has no AioContext for its timer\", \
-            which talks about a coroutine that does not exist"]
 fn cosleep_sleep_for_outside_a_coroutine_says_so() {
     let _ctx = AioContext::new().unwrap();
     let s = CoSleep::new();
@@ -594,9 +586,6 @@ fn context_calls_off_the_home_thread_panic_naming_the_call() {
 }
 
 #[test]
-#[ignore = "BUG: set_event_notifier off the home thread panics with \
-            \"`AioContext::set_fd_handler` called off the context's home thread\", \
-            naming the call it delegates to"]
 fn set_event_notifier_off_the_home_thread_names_itself() {
     let ctx = AioContext::new().unwrap();
     let msg = on_fresh_thread(move || {
@@ -690,10 +679,6 @@ fn scheduling_a_finished_coroutine_does_nothing() {
 }
 
 #[test]
-#[ignore = "BUG: a RemoteCoroutine or Waker made (co.remote(), co.waker()) after the \
-            coroutine finished takes the current generation, so it is not stale: its \
-            wake()/schedule() queues the finished coroutine and the context's next poll \
-            panics with \"Coroutine::enter: the coroutine has already finished\""]
 fn waking_a_finished_coroutine_through_a_new_remote_handle_does_nothing() {
     let ctx = AioContext::new().unwrap();
     let co = Coroutine::new(|| ());
@@ -919,8 +904,6 @@ fn work_queued_at_home_after_shutdown_never_runs() {
 }
 
 #[test]
-#[ignore = "BUG: a Timer armed after AioContext::shutdown fires on the next poll, \
-            though shutdown's docs say new work is dropped"]
 fn a_timer_armed_after_shutdown_does_not_fire() {
     let ctx = AioContext::new().unwrap();
     let fired = Rc::new(Cell::new(false));
@@ -933,23 +916,26 @@ fn a_timer_armed_after_shutdown_does_not_fire() {
 }
 
 #[test]
-#[ignore = "BUG: set_fd_handler after AioContext::shutdown registers the fd and its \
-            handler runs, though shutdown's docs say new work is dropped"]
 fn an_fd_handler_added_after_shutdown_does_not_run() {
     let ctx = AioContext::new().unwrap();
     ctx.shutdown();
     let ran = Rc::new(Cell::new(false));
     let r = ran.clone();
     let (a, b) = UnixStream::pair().unwrap();
-    let _h = ctx.set_fd_handler(a, false, Some(Box::new(move || r.set(true))), None, None);
-    (&b).write_all(b"x").unwrap();
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&a);
+    let err = ctx
+        .set_fd_handler(a, false, Some(Box::new(move || r.set(true))), None, None)
+        .expect_err("a shut-down context watches no new fd");
+    assert_eq!(
+        err.to_string(),
+        format!("AioContext::set_fd_handler: cannot watch fd {raw}: the context is shut down")
+    );
+    let _ = (&b).write_all(b"x");
     assert!(!ctx.poll(false), "poll has nothing to run after shutdown");
     assert!(!ran.get());
 }
 
 #[test]
-#[ignore = "BUG: AioContext::co_schedule after shutdown queues the coroutine and the \
-            next poll enters it, though shutdown's docs say new work is dropped"]
 fn a_coroutine_scheduled_after_shutdown_is_not_entered() {
     let ctx = AioContext::new().unwrap();
     let co = Coroutine::new(coroutine::suspend);
@@ -961,10 +947,6 @@ fn a_coroutine_scheduled_after_shutdown_is_not_entered() {
 }
 
 #[test]
-#[ignore = "BUG: on the home thread after shutdown, bh_schedule_oneshot(_local) and \
-            Bh/LocalBh::schedule set PENDING without linking the node, so nothing ever \
-            frees it: the oneshot closure, or the callback of a scheduled BH once its \
-            handle is dropped, leaks with everything it captured"]
 fn bottom_halves_scheduled_after_shutdown_are_freed() {
     let ctx = AioContext::new().unwrap();
     ctx.shutdown();
@@ -990,9 +972,6 @@ fn bottom_halves_scheduled_after_shutdown_are_freed() {
 }
 
 #[test]
-#[ignore = "BUG: dropping a context's last handle on its home thread (without \
-            shutdown) leaks the BH nodes in its home-thread list: a pending oneshot \
-            or a Bh dropped since the last poll never has its callback dropped"]
 fn dropping_the_context_frees_pending_bottom_halves() {
     // A oneshot scheduled and never run.
     let ctx = AioContext::new().unwrap();
@@ -1157,9 +1136,6 @@ fn iothread_stop_from_the_iothread_itself_panics() {
 }
 
 #[test]
-#[ignore = "BUG: IoThread::stop called from the IoThread itself takes the JoinHandle \
-            before refusing, so afterwards is_stopped() is true while the thread still \
-            runs, stop() from outside panics \"already stopped\", and drop never joins it"]
 fn iothread_refusing_to_stop_itself_can_still_be_stopped() {
     let io = Arc::new(IoThread::spawn("misuse-self2").unwrap());
     let (tx, rx) = mpsc::channel();
@@ -1176,9 +1152,6 @@ fn iothread_refusing_to_stop_itself_can_still_be_stopped() {
 }
 
 #[test]
-#[ignore = "BUG: the future of AioContext::run_in_smol is Send (its PhantomData<*const ()> \
-            is not held across an await), though its docs say it is !Send; on a \
-            multi-threaded executor it then panics at its first poll off the home thread"]
 fn run_in_smol_future_is_not_send() {
     // Autoref specialisation: the inherent method applies only to `Send`
     // types, the trait method to the others.

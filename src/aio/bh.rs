@@ -316,13 +316,20 @@ pub(crate) fn enqueue(ctx: &AioContext, n: NonNull<BhHeader>, new_flags: u32) {
     let old = h.flags.fetch_or(PENDING | new_flags, Ordering::AcqRel);
     let home = inner.is_home();
     if inner.is_dead() {
-        if home && old & PENDING == 0 && new_flags & DELETED != 0 {
-            // The loop is gone and the node is in no list: free it here.
-            if h.running.get() {
-                h.free_after_run.set(true);
+        if home && old & PENDING == 0 {
+            if (old | new_flags) & (DELETED | ONESHOT) != 0 {
+                // The loop is gone and the node is in no list, and no
+                // handle owns it (deleted, or a oneshot): free it here.
+                if h.running.get() {
+                    h.free_after_run.set(true);
+                } else {
+                    // SAFETY: no handle owns the node and no list links it.
+                    unsafe { (h.vtable.free)(n) };
+                }
             } else {
-                // SAFETY: the handle gave its ownership up with DELETED.
-                unsafe { (h.vtable.free)(n) };
+                // A schedule that will never run: leave the node unlinked
+                // and unflagged, so that dropping its handle frees it.
+                h.flags.fetch_and(!(PENDING | SCHEDULED), Ordering::AcqRel);
             }
         } else if !home && old & PENDING == 0 {
             // Freed with the context (`Send` callbacks only get here).
@@ -404,7 +411,11 @@ pub(crate) fn bh_poll(ctx: &AioContext) -> bool {
 
 /// Unlinks every node at shutdown (home thread); frees those the lists own.
 pub(crate) fn shutdown(ctx: &AioContext) {
-    let q = &ctx.inner.bh;
+    shutdown_queues(&ctx.inner.bh);
+}
+
+/// As `shutdown`, for a context being dropped on its home thread.
+pub(crate) fn shutdown_queues(q: &BhQueues) {
     let mut all = q.remote.take_all();
     all.append(q.local.replace(Chain::EMPTY));
     for c in q.slices.borrow_mut().drain(..) {

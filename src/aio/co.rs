@@ -61,6 +61,9 @@ impl Resumer for CtxResumer {
         let Some(inner) = self.inner.upgrade() else {
             return; // the context is gone; so is the coroutine's driver
         };
+        if inner.is_dead() {
+            return; // shut down: it enters nothing any more
+        }
         let home = inner.is_home();
         inner.co.push((co, kind), home);
         if !home {
@@ -211,7 +214,7 @@ impl AioContext {
     #[track_caller]
     pub fn co_schedule<T>(&self, co: &Coroutine<T>) {
         self.inner.assert_home("AioContext::co_schedule");
-        if co.is_finished() {
+        if co.is_finished() || self.inner.is_dead() {
             return;
         }
         let r = co.remote_ref();

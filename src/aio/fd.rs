@@ -400,6 +400,11 @@ impl AioContext {
             "AioContext::set_fd_handler: no callback given (drop the FdHandler to remove one)"
         );
         let raw = fd.as_fd().as_raw_fd();
+        if self.inner.is_dead() {
+            return Err(io::Error::other(format!(
+                "AioContext::set_fd_handler: cannot watch fd {raw}: the context is shut down"
+            )));
+        }
         let h = &self.inner.local().handlers;
         let gen = h.next_gen.get();
         h.next_gen.set(gen.wrapping_add(1) & 0xffff_ffff);
@@ -496,6 +501,7 @@ impl AioContext {
         read: IoHandler,
         io_poll: Option<IoPollHandler>,
     ) -> io::Result<FdHandler<std::sync::Arc<super::EventNotifier>>> {
+        self.inner.assert_home("AioContext::set_event_notifier");
         self.set_fd_handler(notifier, is_external, Some(read), None, io_poll)
     }
 }

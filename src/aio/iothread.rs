@@ -163,19 +163,22 @@ impl IoThread {
     /// logged and the loop goes on.)
     #[track_caller]
     pub fn stop(&self) {
-        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(handle) = handle else {
-            panic!(
-                "IoThread::stop: IoThread '{}' is already stopped",
-                self.name
-            );
+        let handle = {
+            let mut slot = self.thread.lock().unwrap_or_else(|e| e.into_inner());
+            match slot.as_ref() {
+                None => panic!(
+                    "IoThread::stop: IoThread '{}' is already stopped",
+                    self.name
+                ),
+                // Checked before taking the handle: the thread keeps
+                // running, so it must stay joinable.
+                Some(h) if h.thread().id() == std::thread::current().id() => panic!(
+                    "IoThread::stop: called from IoThread '{}' itself; stop it from another thread",
+                    self.name
+                ),
+                Some(_) => slot.take().expect("checked above"),
+            }
         };
-        if handle.thread().id() == std::thread::current().id() {
-            panic!(
-                "IoThread::stop: called from IoThread '{}' itself; stop it from another thread",
-                self.name
-            );
-        }
         self.stopping.store(true, Ordering::Release);
         self.ctx.notify();
         if let Err(p) = handle.join() {

@@ -213,6 +213,9 @@ impl Drop for Inner {
     fn drop(&mut self) {
         if self.home == thread_serial() {
             self.tasks.clear();
+            // No handle is left (each keeps the context alive): every node
+            // still linked is a oneshot or deleted; free them here.
+            bh::shutdown_queues(&self.bh);
         } else {
             let n = self.tasks.forget_local();
             if n > 0 {
@@ -343,6 +346,9 @@ impl AioContext {
     }
 
     fn timeout_ns(&self) -> Option<i64> {
+        if self.inner.is_dead() {
+            return None; // nothing runs any more: sleep until notified
+        }
         if self.inner.bh.any_scheduled()
             || !self.inner.co.is_empty()
             || !self.inner.tasks.is_empty()
@@ -446,6 +452,9 @@ impl AioContext {
             self.adjust_poll_time(block_ns);
         }
 
+        if inner.is_dead() {
+            return false; // shut down: nothing runs any more
+        }
         progress |= bh::bh_poll(self);
         progress |= co::run_queue(self);
         progress |= task::run_tasks(self);

@@ -94,7 +94,11 @@ impl ThreadPool {
     /// Runs `f` on a worker thread, then `done(result)` on the context's
     /// home thread during its `poll` (QEMU's `thread_pool_submit_aio`).
     /// Callable from any thread. If the context is gone by then, `done`
-    /// is dropped without being called.
+    /// is dropped without being called. If `f` panics, the panic is caught
+    /// and logged on the worker and `done` is dropped without being called
+    /// (return a `Result` from `f`, or use [`submit_co`](Self::submit_co),
+    /// which re-raises the panic in the coroutine, when the caller must
+    /// know).
     #[doc(alias = "thread_pool_submit_aio")]
     #[doc(alias = "thread_pool_submit")]
     pub fn submit<F, T, D>(&self, f: F, done: D)
@@ -188,7 +192,17 @@ fn worker(shared: Arc<Shared>) {
         if let Some(job) = st.jobs.pop_front() {
             drop(st);
             // A panicking job must not kill the worker's bookkeeping.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "<non-string panic>".into());
+                log::error!(
+                    "coroloop: ThreadPool: a job panicked ({msg}); its completion callback is \
+                     dropped without being called"
+                );
+            }
             st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             continue;
         }

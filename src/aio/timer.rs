@@ -276,6 +276,9 @@ impl Timer {
     #[doc(alias = "timer_mod")]
     #[doc(alias = "timer_mod_ns")]
     pub fn mod_ns(&self, expire_ns: i64) {
+        if self.ctx.inner.is_dead() {
+            return; // shut down: timers no longer fire
+        }
         let t = self.ctx.inner.timers();
         t.disarm(&self.node);
         t.arm(&self.node, expire_ns.max(0));

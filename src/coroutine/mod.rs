@@ -748,6 +748,12 @@ impl RemoteRef {
         }
     }
 
+    /// Marks the reference stale (never current again): the generation
+    /// before the one read, which the header has left for good.
+    pub(crate) fn make_stale(&mut self) {
+        self.generation = self.generation.wrapping_sub(1);
+    }
+
     /// The header's address (identity only).
     pub(crate) fn header_addr(&self) -> usize {
         self.h.as_ptr() as usize

@@ -179,6 +179,9 @@ pub(crate) unsafe fn enter_request(r: RemoteRef, kind: CoReqKind) -> Request {
     let Some(co) = (unsafe { r.upgrade() }) else {
         return Request::Stale;
     };
+    if co.is_finished() {
+        return Request::Stale;
+    }
     if co.is_entered() {
         return Request::Busy(r, kind);
     }
@@ -219,8 +222,13 @@ impl<T> Coroutine<T> {
     /// A handle to wake or schedule this coroutine from any thread.
     pub fn remote(&self) -> RemoteCoroutine {
         let h = self.header();
+        let mut r = RemoteRef::new(h);
+        if h.state.get() == super::State::Finished {
+            // Made after the end: stale from the start.
+            r.make_stale();
+        }
         RemoteCoroutine {
-            r: RemoteRef::new(h),
+            r,
             resumer: resumer_of(h),
         }
     }

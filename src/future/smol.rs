@@ -96,6 +96,8 @@ impl AioContext {
                     }
                 }
                 drop(prepared);
+                // Keeps the marker alive across the awaits above.
+                let _ = &_home_only;
             }
         }
     }

@@ -49,8 +49,8 @@ impl CoQueue {
         }
     }
 
-    fn enqueue(&self) -> Arc<Waiter> {
-        let w = Waiter::new(false, wake_current_coroutine("CoQueue::wait"));
+    fn enqueue(&self, api: &'static str) -> Arc<Waiter> {
+        let w = Waiter::new(false, wake_current_coroutine(api));
         self.waiters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -99,7 +99,7 @@ impl CoQueue {
     #[doc(alias = "qemu_co_queue_wait")]
     #[track_caller]
     pub fn wait<'a, G: CoLockable<'a>>(&self, guard: G) -> G {
-        let w = self.enqueue();
+        let w = self.enqueue("CoQueue::wait");
         let lock = guard.release();
         self.wait_granted(w);
         G::reacquire(lock)
@@ -113,7 +113,7 @@ impl CoQueue {
     /// Outside a coroutine.
     #[track_caller]
     pub fn wait_unlocked(&self) {
-        let w = self.enqueue();
+        let w = self.enqueue("CoQueue::wait_unlocked");
         self.wait_granted(w);
     }
 

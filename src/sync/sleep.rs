@@ -86,7 +86,10 @@ impl CoSleep {
     #[doc(alias = "qemu_co_sleep_ns_wakeable")]
     #[track_caller]
     pub fn sleep_for(&self, clock: ClockType, d: Duration) -> bool {
-        let Some(ctx) = crate::Coroutine::current().and_then(|c| c.aio_context()) else {
+        let Some(me) = crate::Coroutine::current() else {
+            panic!("CoSleep::sleep_for called outside a coroutine");
+        };
+        let Some(ctx) = me.aio_context() else {
             panic!("CoSleep::sleep_for: the coroutine has no AioContext for its timer");
         };
         let w = self.register("CoSleep::sleep_for");
