@@ -31,7 +31,13 @@ impl AioContext {
     /// The future never completes; drop it (or race it with
     /// `futures_lite::future::or`) to stop driving the context. It is
     /// `!Send`: spawn it on a `LocalExecutor` (or `block_on`) of the home
-    /// thread.
+    /// thread:
+    ///
+    /// ```compile_fail
+    /// fn assert_send<T: Send>(_: T) {}
+    /// let ctx = coroloop::aio::AioContext::new().unwrap();
+    /// assert_send(ctx.run_in_smol()); // error: the driver is `!Send`
+    /// ```
     ///
     /// # Panics
     ///
