@@ -92,6 +92,9 @@ impl CoSleep {
         let Some(ctx) = me.aio_context() else {
             panic!("CoSleep::sleep_for: the coroutine has no AioContext for its timer");
         };
+        // A handle held across the sleep would keep the coroutine alive
+        // (it could never be unwound by its owner).
+        drop(me);
         let w = self.register("CoSleep::sleep_for");
         let _g = Unregister(self, w.clone());
         let timed_out = std::rc::Rc::new(std::cell::Cell::new(false));
