@@ -664,10 +664,6 @@ fn cancelled_pending_tasks_unwind_their_coroutines() {
 // referenced only by the task waker that its own CoroutineFuture's resumer
 // keeps.
 #[test]
-#[ignore = "BUG: a started, suspended spawn_coroutine (Task detached) is leaked when its \
-            context is dropped or shut down: the task is in no queue and the context does \
-            not track it, and the CoroutineFuture's resumer keeps the task's own waker \
-            (a cycle); its destructors never run and its stack is never returned"]
 fn pending_spawned_coroutines_are_unwound_with_the_context() {
     isolated(|| {
         let drops = Drops::default();
@@ -706,9 +702,6 @@ fn pending_spawned_coroutines_are_unwound_with_the_context() {
 // kept by their futures: an executor that goes away drops them (smol's
 // Executor does); an AioContext keeps no list of its tasks.
 #[test]
-#[ignore = "BUG: pending spawn/spawn_local tasks (Task detached) whose futures keep their own \
-            waker are leaked when the context is dropped or shut down (no registry of \
-            tasks, unlike smol::Executor); same root cause as the spawn_coroutine leak"]
 fn pending_tasks_are_dropped_with_the_context() {
     isolated(|| {
         let ctx = AioContext::new().unwrap();
@@ -744,8 +737,6 @@ fn pending_tasks_are_dropped_with_the_context() {
 // owns the coroutine (DESIGN.md), so its drop unwinds it; the handle then
 // reports cancellation.
 #[test]
-#[ignore = "BUG: a started, suspended spawn_coroutine whose Task handle is kept is not \
-            unwound when its context is dropped; it is only dropped when the handle is"]
 fn pending_spawned_coroutine_with_a_live_handle_is_unwound_with_the_context() {
     isolated(|| {
         let ctx = AioContext::new().unwrap();
@@ -955,10 +946,6 @@ fn what_keeps_a_context_alive_and_shutdown_breaks_the_cycle() {
 // handle goes; a detached one holds its context (the timer) until
 // shutdown(), which unwinds it.
 #[test]
-#[ignore = "BUG (since cda38af): CoSleep::sleep_for keeps a strong handle to the current \
-            coroutine (`let Some(me) = Coroutine::current()`) for the whole sleep, so the \
-            coroutine owns itself: dropping its last handle, shutdown() or the context's drop \
-            no longer unwinds it; it is leaked with its stack"]
 fn coroutine_sleeping_in_sleep_for_is_unwound() {
     isolated(|| {
         let ctx = AioContext::new().unwrap();
@@ -1277,9 +1264,6 @@ fn iothread_stop_frees_everything() {
 // IoThread::stop() with a started spawn_coroutine suspended on it: the
 // design has stop() unwind it on the IoThread.
 #[test]
-#[ignore = "BUG: as pending_spawned_coroutines_are_unwound_with_the_context: IoThread::stop() \
-            leaks a started, suspended spawn_coroutine (its destructors never run; its stack \
-            stays mapped after the thread exits)"]
 fn iothread_stop_unwinds_pending_spawned_coroutines() {
     let _g = serial();
     let before = in_use_stacks();

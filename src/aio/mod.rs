@@ -211,6 +211,10 @@ fn home_violation(api: &str) -> ! {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // Unfinished tasks that wait in no queue: woken, their scheduler
+        // finds the context gone and drops them (home-bound ones only on
+        // the home thread; elsewhere they are leaked, see below).
+        self.tasks.wake_all_active();
         if self.home == thread_serial() {
             self.tasks.clear();
             // No handle is left (each keeps the context alive): every node
@@ -667,6 +671,10 @@ impl AioContext {
         local.timers.clear();
         local.handlers.clear();
         co::clear_queue(self);
+        // Queued tasks are dropped, and waiting ones woken so that their
+        // scheduler (which sees the context dead) drops them too.
+        self.inner.tasks.clear();
+        self.inner.tasks.wake_all_active();
         self.inner.tasks.clear();
     }
 }

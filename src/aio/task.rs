@@ -9,21 +9,32 @@ use std::future::{Future, IntoFuture};
 use std::mem;
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, Wake, Waker};
 
 use async_task::{Runnable, Task};
 use concurrent_queue::ConcurrentQueue;
+use slab::Slab;
 
 use super::{thread_serial, AioContext, Inner};
 use crate::future::CoroutineFuture;
 
 /// The context's task queues. Both take pushes from any thread (a task's
 /// waker may fire anywhere); `local` holds tasks whose future must stay on
-/// the home thread.
+/// the home thread. `active` knows every unfinished task (as smol's
+/// executor does), so that teardown reaches tasks that wait in no queue.
 pub(crate) struct TaskQueues {
     send: ConcurrentQueue<Runnable>,
     local: ConcurrentQueue<Runnable>,
+    active: Mutex<Active>,
+}
+
+/// Unfinished tasks: their wakers, by slab key, with an id so that a key
+/// reused after a teardown is never removed by an older task.
+#[derive(Default)]
+struct Active {
+    tasks: Slab<(u64, Waker)>,
+    next_id: u64,
 }
 
 impl TaskQueues {
@@ -31,6 +42,19 @@ impl TaskQueues {
         TaskQueues {
             send: ConcurrentQueue::unbounded(),
             local: ConcurrentQueue::unbounded(),
+            active: Mutex::new(Active::default()),
+        }
+    }
+
+    /// Wakes every unfinished task, so that a dead or dropped context's
+    /// scheduler drops it (its future with it: coroutines are unwound).
+    pub(crate) fn wake_all_active(&self) {
+        let wakers: Vec<Waker> = {
+            let mut a = self.active.lock().unwrap_or_else(|e| e.into_inner());
+            a.tasks.drain().map(|(_, w)| w).collect()
+        };
+        for w in wakers {
+            w.wake();
         }
     }
 
@@ -57,6 +81,64 @@ impl TaskQueues {
             n += 1;
         }
         n
+    }
+}
+
+/// A task's future, registered in `active` while it lives.
+struct Tracked<F> {
+    fut: F,
+    ctx: Weak<Inner>,
+    key: usize,
+    id: u64,
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // SAFETY: `fut` is structurally pinned (never moved out; `Tracked`
+        // has no `Unpin` impl of its own and drops `fut` in place).
+        unsafe { self.map_unchecked_mut(|t| &mut t.fut) }.poll(cx)
+    }
+}
+
+impl<F> Drop for Tracked<F> {
+    fn drop(&mut self) {
+        if let Some(inner) = self.ctx.upgrade() {
+            let mut a = inner.tasks.active.lock().unwrap_or_else(|e| e.into_inner());
+            if a.tasks.get(self.key).is_some_and(|(id, _)| *id == self.id) {
+                a.tasks.remove(self.key);
+            }
+        }
+    }
+}
+
+impl AioContext {
+    /// Spawns `fut` with async-task's `spawn` (any thread) or, for
+    /// home-bound futures, the given unchecked spawner; registers it.
+    fn spawn_tracked<F, T>(
+        &self,
+        fut: F,
+        spawn: impl FnOnce(Tracked<F>) -> (Runnable, Task<T>),
+    ) -> Task<T> {
+        let q = &self.inner.tasks;
+        let (runnable, task) = {
+            let mut a = q.active.lock().unwrap_or_else(|e| e.into_inner());
+            let id = a.next_id;
+            a.next_id += 1;
+            let entry = a.tasks.vacant_entry();
+            let key = entry.key();
+            let (runnable, task) = spawn(Tracked {
+                fut,
+                ctx: Arc::downgrade(&self.inner),
+                key,
+                id,
+            });
+            entry.insert((id, runnable.waker()));
+            (runnable, task)
+        };
+        runnable.schedule();
+        task
     }
 }
 
@@ -240,11 +322,11 @@ impl AioContext {
         F::Output: Send + 'static,
     {
         let weak = Arc::downgrade(&self.inner);
-        let (r, task) = async_task::Builder::new()
-            .propagate_panic(true)
-            .spawn(move |_| fut, move |r| schedule_send(&weak, r));
-        r.schedule();
-        task
+        self.spawn_tracked(fut, move |fut| {
+            async_task::Builder::new()
+                .propagate_panic(true)
+                .spawn(move |_| fut, move |r| schedule_send(&weak, r))
+        })
     }
 
     /// Spawns a future that need not be `Send` (it stays on the home
@@ -276,11 +358,11 @@ impl AioContext {
         self.inner.assert_home("AioContext::spawn_local");
         let weak = Arc::downgrade(&self.inner);
         let home = thread_serial();
-        let (r, task) = async_task::Builder::new()
-            .propagate_panic(true)
-            .spawn_local(move |_| fut, move |r| schedule_local(&weak, home, r));
-        r.schedule();
-        task
+        self.spawn_tracked(fut, move |fut| {
+            async_task::Builder::new()
+                .propagate_panic(true)
+                .spawn_local(move |_| fut, move |r| schedule_local(&weak, home, r))
+        })
     }
 
     /// Runs `f` in a new coroutine on this context's home thread, from any
@@ -323,12 +405,10 @@ impl AioContext {
         // the home thread and leaks it elsewhere; `Inner::drop` off the
         // home thread leaks the local queue. Before its first poll
         // dropping it anywhere only drops `f: Send`.
-        let (r, task) = unsafe {
+        self.spawn_tracked(fut, move |fut| unsafe {
             async_task::Builder::new()
                 .propagate_panic(true)
                 .spawn_unchecked(move |_| fut, move |r| schedule_local(&weak, home, r))
-        };
-        r.schedule();
-        task
+        })
     }
 }
