@@ -343,11 +343,6 @@ fn far_timers_are_freed_with_the_context() {
 // so the deleted entry is never at the top of the heap, where the lazy
 // deletion would pop it.
 #[test]
-#[ignore = "BUG: dropping a Timer that was ever armed leaves its callback in the context's \
-            timer heap (lazy deletion: a stale entry holds an Rc of the node): what the \
-            callback owns is dropped only when the entry reaches the top of the heap at a \
-            timeout computation, when the heap is compacted (>64 entries and >4x armed), or \
-            when the context is torn down"]
 fn dropping_an_armed_timer_drops_its_callback() {
     isolated(|| {
         let ctx = AioContext::new().unwrap();

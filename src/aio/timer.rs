@@ -328,10 +328,15 @@ impl Timer {
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        if self.ctx.inner.is_dead() {
-            return;
+        if !self.ctx.inner.is_dead() {
+            self.del();
         }
-        self.del();
+        // Stale heap entries may keep the node a while (lazy deletion);
+        // drop the callback and what it owns now. A callback that drops its
+        // own timer is running (borrowed): it goes with the node instead.
+        if let Ok(mut cb) = self.node.cb.try_borrow_mut() {
+            *cb = Box::new(|| {});
+        }
     }
 }
 
