@@ -72,12 +72,12 @@ impl Resumer for CtxResumer {
     }
 
     fn aio_context(&self) -> Option<AioContext> {
-        self.inner.upgrade().map(|inner| AioContext { inner })
+        self.inner.upgrade().map(AioContext::from_inner)
     }
 
     fn detached_finished(&self, addr: usize) {
         if let Some(inner) = self.inner.upgrade() {
-            let ctx = AioContext { inner };
+            let ctx = AioContext::from_inner(inner);
             // Dropped after the borrow ends: the handle's drop may run code.
             let owned = ctx.disown(addr);
             drop(owned);

@@ -45,7 +45,7 @@ use std::fmt;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -114,9 +114,37 @@ pub(crate) fn thread_serial() -> u64 {
 /// ctx.poll_while(|| !done.load(Ordering::Acquire));
 /// # std::io::Result::Ok(())
 /// ```
-#[derive(Clone)]
 pub struct AioContext {
     pub(crate) inner: Arc<Inner>,
+}
+
+impl AioContext {
+    /// A new handle (counted in `handles`).
+    pub(crate) fn from_inner(inner: Arc<Inner>) -> AioContext {
+        inner.handles.fetch_add(1, Ordering::Relaxed);
+        AioContext { inner }
+    }
+}
+
+impl Clone for AioContext {
+    fn clone(&self) -> AioContext {
+        AioContext::from_inner(self.inner.clone())
+    }
+}
+
+impl Drop for AioContext {
+    /// The last handle dropped on the home thread shuts the context down
+    /// there (see [`shutdown`](AioContext::shutdown)), even if another
+    /// thread briefly holds the context (a wake or a completion in flight)
+    /// and would otherwise drop it last, off its home thread.
+    fn drop(&mut self) {
+        if self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1
+            && self.inner.is_home()
+            && !self.inner.is_dead()
+        {
+            self.shutdown();
+        }
+    }
 }
 
 pub(crate) struct Inner {
@@ -129,6 +157,8 @@ pub(crate) struct Inner {
     pub(crate) external_disable: AtomicU32,
     pub(crate) virtual_ns: AtomicI64,
     dead: AtomicBool,
+    /// `AioContext` handles (the `Arc` also counts internal references).
+    handles: AtomicUsize,
     poll_max_ns: AtomicI64,
     poll_grow: AtomicI64,
     poll_shrink: AtomicI64,
@@ -274,6 +304,7 @@ impl AioContext {
             external_disable: AtomicU32::new(0),
             virtual_ns: AtomicI64::new(0),
             dead: AtomicBool::new(false),
+            handles: AtomicUsize::new(0),
             poll_max_ns: AtomicI64::new(0),
             poll_grow: AtomicI64::new(0),
             poll_shrink: AtomicI64::new(0),
@@ -295,7 +326,7 @@ impl AioContext {
                 *d = Some(Arc::downgrade(&inner));
             }
         });
-        Ok(AioContext { inner })
+        Ok(AioContext::from_inner(inner))
     }
 
     /// The context whose `poll` is running on this thread, else the first
@@ -310,11 +341,11 @@ impl AioContext {
             unsafe { Arc::increment_strong_count(running) };
             // SAFETY: we just took the count this Arc gives back.
             let inner = unsafe { Arc::from_raw(running) };
-            return Some(AioContext { inner });
+            return Some(AioContext::from_inner(inner));
         }
         HOME_DEFAULT
             .with(|d| d.borrow().as_ref().and_then(Weak::upgrade))
-            .map(|inner| AioContext { inner })
+            .map(AioContext::from_inner)
     }
 
     /// Whether the calling thread is this context's home thread.

@@ -115,7 +115,7 @@ impl ThreadPool {
                 s.completed.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(inner) = ctx.upgrade() {
-                AioContext { inner }.bh_schedule_oneshot(move || done(r));
+                AioContext::from_inner(inner).bh_schedule_oneshot(move || done(r));
             }
         }));
     }

@@ -47,7 +47,7 @@ impl Resumer for FutureResumer {
         self.ctx
             .as_ref()
             .and_then(Weak::upgrade)
-            .map(|inner| AioContext { inner })
+            .map(AioContext::from_inner)
     }
 
     fn admits_direct_entry(&self) -> bool {
