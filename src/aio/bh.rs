@@ -308,7 +308,21 @@ impl BhQueues {
 
 /// Links `n` with `new_flags` (QEMU's `aio_bh_enqueue`). Any thread.
 pub(crate) fn enqueue(ctx: &AioContext, n: NonNull<BhHeader>, new_flags: u32) {
-    let inner = &ctx.inner;
+    enqueue_inner(&ctx.inner, n, new_flags);
+}
+
+/// Schedules a oneshot BH on a context reached through an internal
+/// reference, without making an `AioContext` handle (whose drop could be
+/// the last one, off the home thread).
+pub(crate) fn schedule_oneshot_internal<F>(inner: &super::Inner, f: F)
+where
+    F: FnOnce() + Send + 'static,
+{
+    let n = new_node(f, &Once::<F>::VTABLE, 0);
+    enqueue_inner(inner, n, SCHEDULED | ONESHOT);
+}
+
+fn enqueue_inner(inner: &super::Inner, n: NonNull<BhHeader>, new_flags: u32) {
     // SAFETY: the caller owns or shares a live node.
     let h = unsafe { n.as_ref() };
     // AcqRel: pairs with the dequeue's fetch_and, so a node is unlinked

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
-use super::{AioContext, Inner};
+use super::Inner;
 use crate::coroutine::{self, Coroutine};
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -35,7 +35,7 @@ struct Shared {
 }
 
 /// A context's pool of worker threads (QEMU's `ThreadPool`). Get it with
-/// [`AioContext::thread_pool`].
+/// [`AioContext::thread_pool`](super::AioContext::thread_pool).
 pub struct ThreadPool {
     ctx: Weak<Inner>,
     shared: Arc<Shared>,
@@ -115,7 +115,7 @@ impl ThreadPool {
                 s.completed.fetch_add(1, Ordering::Relaxed);
             }
             if let Some(inner) = ctx.upgrade() {
-                AioContext::from_inner(inner).bh_schedule_oneshot(move || done(r));
+                super::bh::schedule_oneshot_internal(&inner, move || done(r));
             }
         }));
     }
