@@ -12,7 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::io::{ErrorKind, Write};
 use std::os::unix::net::UnixStream;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
@@ -24,30 +24,12 @@ use coroloop::future::{await_future, CoroutineFuture};
 use coroloop::sync::{CoMutex, CoQueue, CoRwLock, CoSleep};
 
 mod common;
-use common::panic_message;
+use common::{on_fresh_thread, panic_message};
 
 fn still_usable() {
     let co = Coroutine::new(|| 1 + 1);
     co.enter();
     assert_eq!(co.take_result(), Some(2));
-}
-
-/// Runs `f` on a fresh thread (no AioContext there unless `f` makes one)
-/// and returns its result; fails instead of hanging if it takes over 10 s.
-fn on_fresh_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (tx, rx) = mpsc::channel();
-    let t = std::thread::spawn(move || {
-        let r = catch_unwind(AssertUnwindSafe(f));
-        let _ = tx.send(());
-        r
-    });
-    match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(()) => match t.join().unwrap() {
-            Ok(r) => r,
-            Err(p) => resume_unwind(p),
-        },
-        Err(_) => panic!("watchdog: no result within 10 s (a hang or an endless loop)"),
-    }
 }
 
 /// Sets a flag when dropped (callbacks' captures, coroutines' stacks).

@@ -12,7 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
@@ -23,25 +23,7 @@ use coroloop::coroutine::{self, Coroutine};
 use coroloop::future::CoroutineFuture;
 
 mod common;
-use common::{panic_message, payload_message};
-
-/// Runs `f` on a fresh thread and returns its result; fails instead of
-/// hanging if it takes over 10 s.
-fn with_watchdog<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
-    let (tx, rx) = mpsc::channel();
-    let t = std::thread::spawn(move || {
-        let r = catch_unwind(AssertUnwindSafe(f));
-        let _ = tx.send(());
-        r
-    });
-    match rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(()) => match t.join().unwrap() {
-            Ok(r) => r,
-            Err(p) => resume_unwind(p),
-        },
-        Err(_) => panic!("watchdog: no result within 10 s (a hang or an endless loop)"),
-    }
-}
+use common::{on_fresh_thread as with_watchdog, panic_message, payload_message};
 
 /// Polls (blocking) until one `poll` panics, and returns its message.
 /// Fails if none does within 5 s.

@@ -22,3 +22,22 @@ pub(crate) fn panic_message<R>(f: impl FnOnce() -> R) -> String {
         Err(p) => payload_message(&*p),
     }
 }
+
+/// Runs `f` on a fresh thread (no AioContext there unless `f` makes one)
+/// and returns its result, re-raising its panic; fails instead of hanging
+/// if it takes over 10 s.
+pub(crate) fn on_fresh_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        let r = catch_unwind(AssertUnwindSafe(f));
+        let _ = tx.send(());
+        r
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(10)) {
+        Ok(()) => match t.join().unwrap() {
+            Ok(r) => r,
+            Err(p) => std::panic::resume_unwind(p),
+        },
+        Err(_) => panic!("watchdog: no result within 10 s (a hang or an endless loop)"),
+    }
+}
