@@ -1,11 +1,19 @@
 //! An NBD server built the way QEMU's is: one coroutine per connection that
 //! reads requests sequentially, one coroutine per request, a `CoMutex` that
-//! serialises replies on the socket, and the AioContext's thread pool for
-//! file I/O — all on one `IoThread`, with coroloop's public API only.
+//! serialises replies on the socket, and a `CoFile` for file I/O on the
+//! engine picked with `--aio` — all on one `IoThread`, with coroloop's
+//! public API only.
 //!
 //! ```text
-//! cargo run --release --example nbd_server -- [--port N] [--size BYTES] [--read-only] IMAGE
+//! cargo run --release --example nbd_server -- [--port N] [--size BYTES] [--read-only]
+//!     [--aio threads|io_uring|native] [--cache writeback|none] IMAGE
 //! ```
+//!
+//! `--aio` and `--cache` mean what they mean to `qemu-nbd`: `threads` (the
+//! default; page-cache hits are served inline with `RWF_NOWAIT`, the rest
+//! on the context's thread pool), `io_uring`, or `native` (Linux AIO);
+//! `--cache none` opens the image with `O_DIRECT` (requests not aligned to
+//! 4 KiB then go through a second, buffered descriptor on the thread pool).
 //!
 //! Serves the raw file IMAGE (created, or extended, sparse to `--size`) as
 //! the export named "" on 127.0.0.1 (default port 10809; `--port 0` picks a
@@ -40,7 +48,7 @@ use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use coroloop::aio::{AioContext, ClockType, FdHandler, IoThread, Timer};
+use coroloop::aio::{AioContext, AioMode, ClockType, CoFile, FdHandler, IoThread, Timer};
 use coroloop::io::CoFd;
 use coroloop::sync::{CoMutex, CoQueue};
 use coroloop::Coroutine;
@@ -115,9 +123,50 @@ macro_rules! log {
 // ---- the export and the server's state (on the IoThread) ----
 
 struct Export {
+    /// The buffered descriptor: TRIM, WRITE_ZEROES, and with `--cache
+    /// none` the requests not aligned for `O_DIRECT`.
     file: Arc<File>,
+    /// Reads, writes and flushes, on the `--aio` engine.
+    io: CoFile,
     size: u64,
     read_only: bool,
+}
+
+/// `O_DIRECT` alignment used for `--cache none`.
+const DIRECT_ALIGN: u64 = 4096;
+
+/// A reply buffer: the 16-byte header right before 4 KiB-aligned data, so
+/// that `O_DIRECT` reads land in it and the reply goes out in one write.
+struct ReplyBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl ReplyBuf {
+    fn new(cookie: u64, len: usize) -> ReplyBuf {
+        let mut raw = vec![0u8; len + 16 + DIRECT_ALIGN as usize];
+        let data = (raw.as_ptr() as usize + 16).next_multiple_of(DIRECT_ALIGN as usize);
+        let start = data - 16 - raw.as_ptr() as usize;
+        raw[start..start + 16].copy_from_slice(&simple_reply(cookie, 0, 0));
+        ReplyBuf { raw, start, len }
+    }
+    fn data(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start + 16..self.start + 16 + self.len]
+    }
+    fn into_reply(mut self) -> Vec<u8> {
+        self.raw.truncate(self.start + 16 + self.len);
+        self.raw.drain(..self.start);
+        self.raw
+    }
+}
+
+/// A copy of `data` in a 4 KiB-aligned buffer (for `O_DIRECT` writes).
+fn aligned_copy(data: &[u8]) -> (Vec<u8>, usize) {
+    let mut raw = vec![0u8; data.len() + DIRECT_ALIGN as usize];
+    let at = raw.as_ptr().align_offset(DIRECT_ALIGN as usize);
+    raw[at..at + data.len()].copy_from_slice(data);
+    (raw, at)
 }
 
 impl Export {
@@ -455,44 +504,60 @@ impl Server {
     ) {
         let pool = self.ctx.thread_pool();
         let file = self.export.file.clone();
+        let io = &self.export.io;
         let (off, len, flags) = (req.offset, req.len as usize, req.flags);
+        // With O_DIRECT, unaligned requests take the buffered descriptor.
+        let direct_ok = !io.is_direct() || (off | len as u64) % DIRECT_ALIGN == 0;
         let reply = match error {
             Some(e) => simple_reply(req.cookie, e, 0),
             None => match req.kind {
-                CMD_READ => {
-                    let mut buf = simple_reply(req.cookie, 0, len);
-                    // Page-cache hits: one system call here, no thread hop.
-                    let done = nowait(&file, &mut buf[16..], off, false);
-                    if done == len {
-                        buf
-                    } else {
-                        let r = pool.submit_co(move || {
-                            let r = file.read_exact_at(&mut buf[16 + done..], off + done as u64);
-                            (buf, r)
-                        });
-                        match r {
-                            (buf, Ok(())) => buf,
-                            (_, Err(e)) => simple_reply(req.cookie, errno_of(&e), 0),
-                        }
+                CMD_READ if direct_ok => {
+                    // The threads engine serves page-cache hits inline.
+                    let mut buf = ReplyBuf::new(req.cookie, len);
+                    match io.read_exact_at(buf.data(), off) {
+                        Ok(()) => buf.into_reply(),
+                        Err(e) => simple_reply(req.cookie, errno_of(&e), 0),
                     }
+                }
+                CMD_READ => {
+                    let buf = simple_reply(req.cookie, 0, len);
+                    let r = pool.submit_co(move || {
+                        let mut buf = buf;
+                        let r = file.read_exact_at(&mut buf[16..], off);
+                        (buf, r)
+                    });
+                    match r {
+                        (buf, Ok(())) => buf,
+                        (_, Err(e)) => simple_reply(req.cookie, errno_of(&e), 0),
+                    }
+                }
+                CMD_WRITE if direct_ok => {
+                    let r = if io.is_direct() {
+                        let (raw, at) = aligned_copy(&payload);
+                        io.write_all_at(&raw[at..at + len], off)
+                    } else {
+                        io.write_all_at(&payload, off)
+                    };
+                    let r = r.and_then(|()| {
+                        if flags & CMD_FLAG_FUA != 0 {
+                            io.fdatasync()
+                        } else {
+                            Ok(())
+                        }
+                    });
+                    result_reply(req.cookie, r)
                 }
                 CMD_WRITE => {
-                    let mut payload = payload;
-                    let done = nowait(&file, &mut payload, off, true);
-                    if done == len && flags & CMD_FLAG_FUA == 0 {
-                        simple_reply(req.cookie, 0, 0)
-                    } else {
-                        let r = pool.submit_co(move || {
-                            file.write_all_at(&payload[done..], off + done as u64)?;
-                            if flags & CMD_FLAG_FUA != 0 {
-                                file.sync_data()?;
-                            }
-                            Ok::<(), io::Error>(())
-                        });
-                        result_reply(req.cookie, r)
-                    }
+                    let r = pool.submit_co(move || {
+                        file.write_all_at(&payload, off)?;
+                        if flags & CMD_FLAG_FUA != 0 {
+                            file.sync_data()?;
+                        }
+                        Ok::<(), io::Error>(())
+                    });
+                    result_reply(req.cookie, r)
                 }
-                CMD_FLUSH => result_reply(req.cookie, pool.submit_co(move || file.sync_data())),
+                CMD_FLUSH => result_reply(req.cookie, io.fdatasync()),
                 CMD_TRIM | CMD_WRITE_ZEROES => {
                     let zero = req.kind == CMD_WRITE_ZEROES;
                     let r = pool.submit_co(move || {
@@ -574,47 +639,6 @@ fn errno_of(e: &io::Error) -> u32 {
         _ if e.kind() == io::ErrorKind::UnexpectedEof => EIO,
         _ => EIO,
     }
-}
-
-/// `preadv2`/`pwritev2` with `RWF_NOWAIT`: does what the page cache can do
-/// without blocking, inline on the loop thread (nbdkit-style speed for warm
-/// data, without QEMU's thread hop). Returns the bytes done; the caller
-/// hands the rest to the thread pool.
-fn nowait(file: &File, buf: &mut [u8], off: u64, write: bool) -> usize {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    /// Buffered `RWF_NOWAIT` writes are not supported by every kernel and
-    /// file system: after the first `EOPNOTSUPP`, do not try again.
-    static NO_NOWAIT_WRITES: AtomicBool = AtomicBool::new(false);
-    if write && NO_NOWAIT_WRITES.load(Ordering::Relaxed) {
-        return 0;
-    }
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        let iov = libc::iovec {
-            iov_base: rest.as_mut_ptr().cast(),
-            iov_len: rest.len(),
-        };
-        let at = (off + done as u64) as libc::off_t;
-        // SAFETY: `iov` describes `rest`, which stays borrowed (and, for
-        // reads, exclusively) for the call; the fd is open.
-        let r = unsafe {
-            if write {
-                libc::pwritev2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT)
-            } else {
-                libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT)
-            }
-        };
-        if r <= 0 {
-            if r < 0 && write && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP)
-            {
-                NO_NOWAIT_WRITES.store(true, Ordering::Relaxed);
-            }
-            break; // EAGAIN (would block), end of file or an error: the pool decides
-        }
-        done += r as usize;
-    }
-    done
 }
 
 /// TRIM (punch a hole) or WRITE_ZEROES (zero range, or punch a hole when
@@ -724,10 +748,21 @@ struct Args {
     size: Option<u64>,
     read_only: bool,
     image: Option<PathBuf>,
+    io: IoConfig,
+}
+
+/// `--aio` and `--cache`.
+#[derive(Clone, Copy)]
+struct IoConfig {
+    aio: AioMode,
+    direct: bool,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: nbd_server [--port N] [--size BYTES] [--read-only] IMAGE");
+    eprintln!(
+        "usage: nbd_server [--port N] [--size BYTES] [--read-only] \
+         [--aio threads|io_uring|native] [--cache writeback|none] IMAGE"
+    );
     eprintln!("       nbd_server            (no IMAGE: a self-contained demo)");
     std::process::exit(2)
 }
@@ -738,6 +773,10 @@ fn parse_args() -> Args {
         size: None,
         read_only: false,
         image: None,
+        io: IoConfig {
+            aio: AioMode::Threads,
+            direct: false,
+        },
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -756,6 +795,19 @@ fn parse_args() -> Args {
                 )
             }
             "--read-only" => a.read_only = true,
+            "--aio" => {
+                a.io.aio = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
+            "--cache" => {
+                a.io.direct = match it.next().as_deref() {
+                    Some("none") => true,
+                    Some("writeback") => false,
+                    _ => usage(),
+                }
+            }
             "-h" | "--help" => usage(),
             s if s.starts_with('-') => usage(),
             s => {
@@ -828,7 +880,28 @@ struct Running {
     port: u16,
 }
 
-fn start(file: File, read_only: bool, port: u16) -> io::Result<Running> {
+/// The descriptor the `CoFile` uses: the image itself, or with `--cache
+/// none` the image opened again with `O_DIRECT`.
+fn io_file(file: &File, path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
+    if !direct {
+        return file.try_clone();
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("--cache none: O_DIRECT open: {e}")))
+}
+
+fn start(
+    file: File,
+    io_file: File,
+    cfg: IoConfig,
+    read_only: bool,
+    port: u16,
+) -> io::Result<Running> {
     let file = Arc::new(file);
     let size = file.metadata()?.len();
     let listener = TcpListener::bind(("127.0.0.1", port))?;
@@ -840,9 +913,14 @@ fn start(file: File, read_only: bool, port: u16) -> io::Result<Running> {
     let f = file.clone();
     io.context().bh_schedule_oneshot(move || {
         let ctx = AioContext::current().expect("on the IoThread");
+        let io = CoFile::with_mode(&ctx, io_file, cfg.aio);
+        if io.mode() != cfg.aio {
+            log!("--aio {} unavailable here: using {}", cfg.aio, io.mode());
+        }
         let srv = Rc::new(Server {
             ctx: ctx.clone(),
             export: Export {
+                io,
                 file: f,
                 size,
                 read_only,
@@ -918,7 +996,11 @@ fn main() {
                 log!("cannot open {}: {e}", path.display());
                 std::process::exit(1)
             });
-            let run = start(file, args.read_only, args.port).unwrap_or_else(|e| {
+            let iof = io_file(&file, path, args.read_only, args.io.direct).unwrap_or_else(|e| {
+                log!("cannot open {}: {e}", path.display());
+                std::process::exit(1)
+            });
+            let run = start(file, iof, args.io, args.read_only, args.port).unwrap_or_else(|e| {
                 log!("cannot start: {e}");
                 std::process::exit(1)
             });
@@ -934,7 +1016,7 @@ fn main() {
                 }
             }
         }
-        None => demo(args.port),
+        None => demo(args.port, args.io),
     }
 }
 
@@ -1015,11 +1097,18 @@ fn pattern(client: u64, block: u64) -> u8 {
     (client * 31 + block * 7 + 1) as u8
 }
 
-fn demo(port: u16) {
+fn demo(port: u16, cfg: IoConfig) {
     let path = std::env::temp_dir().join(format!("coroloop-nbd-demo-{}.img", std::process::id()));
     let size = 64 << 20;
     let file = open_image(&path, Some(size), false).expect("create the demo image");
-    let run = start(file, false, if port == 10809 { 0 } else { port }).expect("start the server");
+    let iof = io_file(&file, &path, false, cfg.direct).expect("open the demo image");
+    let run = start(file, iof, cfg, false, if port == 10809 { 0 } else { port })
+        .expect("start the server");
+    println!(
+        "demo: aio={} cache={}",
+        cfg.aio,
+        if cfg.direct { "none" } else { "writeback" }
+    );
     let port = run.port;
     println!("listening on 127.0.0.1:{port}");
     println!(

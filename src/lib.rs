@@ -144,6 +144,9 @@
 //! | `AIO_WAIT_WHILE`, `aio_wait_kick` | [`aio::AioContext::poll_while`], [`aio::wait_kick`] |
 //! | IOThread | [`aio::IoThread::spawn`], [`aio::IoThreadBuilder`] (poll params), `stop()` |
 //! | `aio_get_thread_pool`, `thread_pool_submit_co/aio` | [`aio::AioContext::thread_pool`]: [`submit_co`](aio::ThreadPool::submit_co), [`submit`](aio::ThreadPool::submit) |
+//! | `aio_setup_linux_io_uring` / `aio_get_linux_io_uring`, `luring_co_submit` | [`aio::AioContext::linux_io_uring`] → [`aio::IoUring`]: `read_at`, `write_at`, `readv_at`, `writev_at`, `fsync`, `fdatasync` |
+//! | `aio_setup_linux_aio` / `aio_get_linux_aio`, `laio_co_submit` | [`aio::AioContext::linux_aio`] → [`aio::LinuxAio`] (same calls; for `O_DIRECT`) |
+//! | `file-posix` with `aio=threads\|io_uring\|native` | [`aio::CoFile`] with [`aio::AioMode`] (falls back to threads when an engine is unavailable); `threads` first tries `preadv2(RWF_NOWAIT)` inline |
 //! | `CoMutex` init/lock/unlock | [`sync::CoMutex::new`], [`lock`](sync::CoMutex::lock) → guard (unlock on drop), [`try_lock`](sync::CoMutex::try_lock) |
 //! | `CoQueue` wait/next/restart_all/enter_next/enter_all/empty | [`sync::CoQueue`]: [`wait`](sync::CoQueue::wait), [`wait_unlocked`](sync::CoQueue::wait_unlocked), [`next`](sync::CoQueue::next), [`restart_all`](sync::CoQueue::restart_all), [`enter_next`](sync::CoQueue::enter_next), [`enter_all`](sync::CoQueue::enter_all), [`is_empty`](sync::CoQueue::is_empty) |
 //! | `QemuCoLockable` (a lock `qemu_co_queue_wait` releases) | [`sync::CoLockable`]: mutex and rwlock guards |

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::{AioContext, IOTHREAD_POLL_MAX_NS};
+use super::{AioContext, FdMonitorKind, IOTHREAD_POLL_MAX_NS};
 
 /// A thread that runs an [`AioContext`] until stopped (QEMU's IOThread).
 /// Adaptive polling is on by default (32 µs, as QEMU's `poll-max-ns`).
@@ -38,13 +38,14 @@ pub struct IoThread {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Options for [`IoThread`]: name and polling parameters.
+/// Options for [`IoThread`]: name, polling parameters and fd monitor.
 #[derive(Debug, Clone)]
 pub struct IoThreadBuilder {
     name: String,
     poll_max_ns: i64,
     poll_grow: i64,
     poll_shrink: i64,
+    fd_monitor: Option<FdMonitorKind>,
 }
 
 impl IoThreadBuilder {
@@ -55,6 +56,7 @@ impl IoThreadBuilder {
             poll_max_ns: IOTHREAD_POLL_MAX_NS,
             poll_grow: 0,
             poll_shrink: 0,
+            fd_monitor: None,
         }
     }
 
@@ -67,22 +69,36 @@ impl IoThreadBuilder {
         self
     }
 
+    /// How the thread's context watches file descriptors (see
+    /// [`AioContextBuilder::fd_monitor`](super::AioContextBuilder::fd_monitor));
+    /// without this call, the default of [`FdMonitorKind`].
+    pub fn fd_monitor(mut self, kind: FdMonitorKind) -> IoThreadBuilder {
+        self.fd_monitor = Some(kind);
+        self
+    }
+
     /// Starts the thread.
     ///
     /// # Errors
     ///
-    /// If the thread or its context cannot be created, or a polling
-    /// parameter is negative.
+    /// If the thread or its context cannot be created (an explicitly
+    /// chosen io_uring monitor unavailable, too), or a polling parameter
+    /// is negative.
     pub fn spawn(self) -> io::Result<IoThread> {
         let (tx, rx) = mpsc::channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
         let (max, grow, shrink) = (self.poll_max_ns, self.poll_grow, self.poll_shrink);
         let name = self.name.clone();
+        let fd_monitor = self.fd_monitor;
         let thread = std::thread::Builder::new()
             .name(self.name.clone())
             .spawn(move || {
-                let ctx = match AioContext::with_name(Some(name)) {
+                let mut builder = AioContext::builder().name(name);
+                if let Some(kind) = fd_monitor {
+                    builder = builder.fd_monitor(kind);
+                }
+                let ctx = match builder.build() {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = tx.send(Err(e));

@@ -32,6 +32,8 @@ mod bh;
 mod co;
 mod fd;
 mod fdmon;
+mod fdmon_uring;
+mod file;
 mod iothread;
 mod notify;
 mod task;
@@ -54,6 +56,8 @@ use std::time::Duration;
 pub use async_task::Task;
 pub use bh::{Bh, LocalBh};
 pub use fd::{FdHandler, IoHandler, IoPollHandler, RawFdSource};
+pub use fdmon::FdMonitorKind;
+pub use file::{AioMode, CoFile, IoUring, LinuxAio};
 pub use iothread::{IoThread, IoThreadBuilder};
 pub use notify::EventNotifier;
 pub use thread_pool::ThreadPool;
@@ -63,7 +67,7 @@ pub use wait::wait_kick;
 pub(crate) use co::thread_default_resumer;
 
 use crate::coroutine::{Coroutine, Erased};
-use fdmon::{Epoll, FdMonitor, Ready};
+use fdmon::{FdMonitor, Ready};
 
 /// Key of the context's own notifier in the fd monitor.
 const NOTIFY_KEY: u64 = u64::MAX;
@@ -184,6 +188,8 @@ pub(crate) struct Local {
     poll_started: Cell<bool>,
     /// Coroutines owned by this context (`Coroutine::detach`).
     pub(crate) detached: RefCell<HashMap<usize, Coroutine<Erased>>>,
+    /// io_uring and Linux AIO, set up on first use.
+    pub(crate) engines: file::Engines,
 }
 
 impl Inner {
@@ -276,22 +282,92 @@ impl Drop for Inner {
     }
 }
 
-impl AioContext {
-    /// Creates a context whose home is the calling thread (QEMU's
-    /// `aio_context_new`). The first live context created on a thread is
-    /// that thread's default: see [`current`](Self::current).
+/// Options for a new [`AioContext`]: its name and its fd monitor. Get one
+/// with [`AioContext::builder`]; [`build`](Self::build) creates the context
+/// on the calling thread, its home.
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::aio::{AioContext, FdMonitorKind};
+///
+/// let ctx = AioContext::builder()
+///     .name("main loop")
+///     .fd_monitor(FdMonitorKind::Epoll)
+///     .build()?;
+/// assert_eq!(ctx.fd_monitor_kind(), FdMonitorKind::Epoll);
+/// // io_uring where the kernel allows it, else epoll:
+/// let ctx = AioContext::builder()
+///     .fd_monitor(FdMonitorKind::IoUring)
+///     .build()
+///     .or_else(|_| AioContext::builder().fd_monitor(FdMonitorKind::Epoll).build())?;
+/// # drop(ctx);
+/// # std::io::Result::Ok(())
+/// ```
+#[derive(Debug, Clone, Default)]
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct AioContextBuilder {
+    name: Option<String>,
+    fd_monitor: Option<FdMonitorKind>,
+}
+
+impl AioContextBuilder {
+    /// Names the context (shown by its `Debug` output and in log lines).
+    pub fn name(mut self, name: impl Into<String>) -> AioContextBuilder {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// How the context watches file descriptors. Without this call: the
+    /// default of [`FdMonitorKind`] (epoll, unless `COROLOOP_FDMON` says
+    /// otherwise).
+    pub fn fd_monitor(mut self, kind: FdMonitorKind) -> AioContextBuilder {
+        self.fd_monitor = Some(kind);
+        self
+    }
+
+    /// Creates the context, whose home is the calling thread (see
+    /// [`AioContext::new`]).
     ///
     /// # Errors
     ///
-    /// When the epoll instance or the eventfd cannot be created (out of
-    /// file descriptors).
+    /// When the fd monitor or the eventfd cannot be created: out of file
+    /// descriptors, or, for an explicitly chosen
+    /// [`FdMonitorKind::IoUring`], io_uring unavailable (the message says
+    /// why). An io_uring monitor chosen by `COROLOOP_FDMON` falls back to
+    /// epoll instead, with a logged warning.
+    pub fn build(self) -> io::Result<AioContext> {
+        AioContext::create(self.name, self.fd_monitor)
+    }
+}
+
+impl AioContext {
+    /// Creates a context whose home is the calling thread (QEMU's
+    /// `aio_context_new`), with the default fd monitor: the same as
+    /// `AioContext::builder().build()`. The first live context created on
+    /// a thread is that thread's default: see [`current`](Self::current).
+    ///
+    /// # Errors
+    ///
+    /// When the fd monitor (epoll or io_uring instance) or the eventfd
+    /// cannot be created (out of file descriptors).
     #[doc(alias = "aio_context_new")]
     pub fn new() -> io::Result<AioContext> {
-        AioContext::with_name(None)
+        AioContext::builder().build()
     }
 
-    pub(crate) fn with_name(name: Option<String>) -> io::Result<AioContext> {
-        let monitor = Epoll::new()?;
+    /// Options for a new context: name, fd monitor.
+    pub fn builder() -> AioContextBuilder {
+        AioContextBuilder::default()
+    }
+
+    /// How this context watches file descriptors. Any thread.
+    pub fn fd_monitor_kind(&self) -> FdMonitorKind {
+        self.inner.monitor.kind()
+    }
+
+    fn create(name: Option<String>, kind: Option<FdMonitorKind>) -> io::Result<AioContext> {
+        let monitor = fdmon::create(kind)?;
         let notifier = EventNotifier::new()?;
         monitor.add_notifier(notifier.as_fd(), NOTIFY_KEY)?;
         let inner = Arc::new(Inner {
@@ -299,7 +375,7 @@ impl AioContext {
             name,
             notify_core: notify::NotifyCore::new(),
             notifier,
-            monitor: Box::new(monitor),
+            monitor,
             bh: bh::BhQueues::new(),
             external_disable: AtomicU32::new(0),
             virtual_ns: AtomicI64::new(0),
@@ -317,6 +393,7 @@ impl AioContext {
                 poll_ns: Cell::new(0),
                 poll_started: Cell::new(false),
                 detached: RefCell::new(HashMap::new()),
+                engines: file::Engines::default(),
             })),
         });
         inner.co.set_resumer(&inner);
@@ -387,6 +464,7 @@ impl AioContext {
         if self.inner.bh.any_scheduled()
             || !self.inner.co.is_empty()
             || !self.inner.tasks.is_empty()
+            || self.inner.local().engines.has_work()
         {
             return Some(0);
         }
@@ -411,6 +489,8 @@ impl AioContext {
         let local = inner.local();
         let _running = RunningGuard::enter(inner);
         local.handlers.sync_external(self);
+        // File requests queued outside the loop go out before it waits.
+        local.engines.flush();
 
         let poll_max = inner.poll_max_ns.load(Ordering::Relaxed);
         let start = if poll_max > 0 {
@@ -435,6 +515,7 @@ impl AioContext {
                 let t0 = timer::realtime_ns();
                 loop {
                     let found = local.handlers.poll_once(self, &mut ready)
+                        || local.engines.poll_once()
                         || inner.notify_core.is_notified();
                     let elapsed = timer::realtime_ns() - t0;
                     if found {
@@ -480,6 +561,9 @@ impl AioContext {
             ready.swap_remove(i);
             inner.notify_core.drained();
         }
+        // The file engines' fds only wake the loop; completions are reaped
+        // below whether or not they were reported.
+        ready.retain(|r| !file::Engines::is_key(r.key));
         inner.notify_core.accept();
 
         if poll_max > 0 && blocking {
@@ -493,8 +577,12 @@ impl AioContext {
         progress |= bh::bh_poll(self);
         progress |= co::run_queue(self);
         progress |= task::run_tasks(self);
+        progress |= local.engines.process();
         progress |= local.handlers.dispatch(self, &ready);
         progress |= local.timers.run(self);
+        // Requests the coroutines queued in this iteration go to the
+        // kernel together (QEMU's plug/unplug around a loop iteration).
+        local.engines.flush();
         progress
     }
 
@@ -602,6 +690,9 @@ impl AioContext {
     #[track_caller]
     pub fn prepare(&self) -> Option<Duration> {
         self.inner.assert_home("AioContext::prepare");
+        // Re-armed io_uring polls must reach the kernel before the outer
+        // loop sleeps on our fd.
+        self.inner.monitor.prepare_wait();
         let timeout = self.timeout_ns();
         if !self.inner.notify_core.prepare_block() {
             return Some(Duration::ZERO);
@@ -698,9 +789,13 @@ impl AioContext {
             drop(owned);
         }
         self.inner.dead.store(true, Ordering::Release);
+        local.engines.shutdown();
         bh::shutdown(self);
         local.timers.clear();
         local.handlers.clear();
+        // Handlers dropped from now on no longer unregister: the monitor
+        // lets go of their fds here (io_uring's poll requests hold them).
+        self.inner.monitor.shutdown();
         co::clear_queue(self);
         // Queued tasks are dropped, and waiting ones woken so that their
         // scheduler (which sees the context dead) drops them too.
@@ -730,11 +825,11 @@ impl Drop for RunningGuard {
 }
 
 impl AsFd for AioContext {
-    /// The epoll fd: readable when a watched fd is ready or the context was
-    /// notified. For driving the context from another loop (see
+    /// The fd monitor's fd (epoll or io_uring instance): readable when a
+    /// watched fd is ready or the context was notified. For driving the
+    /// context from another loop (see
     /// [`prepare`](Self::prepare)).
     fn as_fd(&self) -> BorrowedFd<'_> {
-        // The monitor is an epoll instance with a file descriptor.
         self.inner.monitor.as_fd_dyn()
     }
 }

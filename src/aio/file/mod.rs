@@ -1,0 +1,752 @@
+//! File I/O for coroutines: the thread pool, io_uring and Linux AIO
+//! engines behind one front door, [`CoFile`] (QEMU's
+//! `aio=threads|io_uring|native`).
+//!
+//! | QEMU | coroloop |
+//! |------|----------|
+//! | `aio=threads` (`thread_pool_submit_co` + `preadv`) | [`AioMode::Threads`]: `preadv2(RWF_NOWAIT)` inline, the [`ThreadPool`](super::ThreadPool) on `EAGAIN` |
+//! | `aio=io_uring` (`luring_co_submit`) | [`AioMode::IoUring`], [`IoUring`] |
+//! | `aio=native` (`laio_co_submit`) | [`AioMode::Native`], [`LinuxAio`] |
+//! | `aio_setup_linux_io_uring` / `aio_get_linux_io_uring` | [`AioContext::linux_io_uring`](super::AioContext::linux_io_uring) |
+//! | `aio_setup_linux_aio` / `aio_get_linux_aio` | [`AioContext::linux_aio`](super::AioContext::linux_aio) |
+//!
+//! Every call suspends the calling coroutine until the request completed
+//! and is resumed by the context's loop; the loop thread never blocks on
+//! the disk (except Linux AIO on a buffered file, as in QEMU).
+//!
+//! # Buffers and cancellation
+//!
+//! The calls borrow the caller's buffers for the duration of the request.
+//! If the coroutine is unwound meanwhile (its owner dropped it, its
+//! context shut down), the request is cancelled and the thread blocks until
+//! the kernel has let go of the buffer before the unwind goes on: no
+//! completion ever writes into freed memory or reaches a coroutine that no
+//! longer exists. The threads engine reads and writes through a buffer of
+//! its own on the worker, so an abandoned request there just finishes.
+
+mod linux_aio;
+mod request;
+mod uring;
+
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::BTreeSet;
+use std::fmt;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::Arc;
+
+pub use linux_aio::LinuxAio;
+pub use uring::IoUring;
+
+use super::AioContext;
+use crate::coroutine::RemoteCoroutine;
+
+/// How a [`CoFile`] does its I/O (QEMU's `-drive aio=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[doc(alias = "BlockdevAioOptions")]
+pub enum AioMode {
+    /// `preadv2(RWF_NOWAIT)` inline on the loop thread, the context's
+    /// thread pool when that would block (QEMU's `aio=threads`, plus the
+    /// inline attempt). The default, as in QEMU.
+    #[default]
+    Threads,
+    /// The context's io_uring (`aio=io_uring`).
+    IoUring,
+    /// Linux native AIO (`aio=native`); for `O_DIRECT` files.
+    Native,
+}
+
+impl AioMode {
+    /// QEMU's name of the mode: `threads`, `io_uring` or `native`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AioMode::Threads => "threads",
+            AioMode::IoUring => "io_uring",
+            AioMode::Native => "native",
+        }
+    }
+}
+
+impl std::str::FromStr for AioMode {
+    type Err = io::Error;
+    fn from_str(s: &str) -> io::Result<AioMode> {
+        match s {
+            "threads" => Ok(AioMode::Threads),
+            "io_uring" => Ok(AioMode::IoUring),
+            "native" => Ok(AioMode::Native),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("unknown aio mode {s:?} (expected threads, io_uring or native)"),
+            )),
+        }
+    }
+}
+
+impl fmt::Display for AioMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The engines a context set up (home-thread state).
+#[derive(Default)]
+pub(crate) struct Engines {
+    uring: OnceCell<Result<IoUring, (io::ErrorKind, String)>>,
+    aio: OnceCell<Result<LinuxAio, (io::ErrorKind, String)>>,
+    pub(crate) default_mode: Cell<AioMode>,
+}
+
+/// Keys of the engines' fds in the context's fd monitor.
+pub(crate) const URING_KEY: u64 = u64::MAX - 1;
+pub(crate) const AIO_KEY: u64 = u64::MAX - 2;
+
+impl Engines {
+    fn uring(&self) -> Option<&IoUring> {
+        self.uring.get().and_then(|r| r.as_ref().ok())
+    }
+
+    fn aio(&self) -> Option<&LinuxAio> {
+        self.aio.get().and_then(|r| r.as_ref().ok())
+    }
+
+    /// Submits what coroutines queued (the end of the loop's plug).
+    pub(crate) fn flush(&self) {
+        if let Some(u) = self.uring() {
+            u.flush();
+        }
+        if let Some(a) = self.aio() {
+            if a.has_pending() {
+                a.flush();
+            }
+        }
+    }
+
+    /// Whether the loop must not sleep.
+    pub(crate) fn has_work(&self) -> bool {
+        self.uring().is_some_and(IoUring::has_work) || self.aio().is_some_and(LinuxAio::has_work)
+    }
+
+    /// Busy-poll check: completions waiting, seen without a system call.
+    pub(crate) fn poll_once(&self) -> bool {
+        self.uring().is_some_and(IoUring::has_completions)
+            || self.aio().is_some_and(LinuxAio::has_completions)
+    }
+
+    /// Reaps completions and resumes their coroutines.
+    pub(crate) fn process(&self) -> bool {
+        let mut progress = false;
+        if let Some(u) = self.uring() {
+            progress |= u.process();
+        }
+        if let Some(a) = self.aio() {
+            progress |= a.process();
+        }
+        progress
+    }
+
+    pub(crate) fn is_key(key: u64) -> bool {
+        key == URING_KEY || key == AIO_KEY
+    }
+
+    pub(crate) fn shutdown(&self) {
+        if let Some(u) = self.uring() {
+            u.set_dead();
+        }
+        if let Some(a) = self.aio() {
+            a.set_dead();
+        }
+    }
+}
+
+fn cached<T>(
+    cell: &OnceCell<Result<T, (io::ErrorKind, String)>>,
+    init: impl FnOnce() -> io::Result<T>,
+) -> io::Result<&T> {
+    match cell.get_or_init(|| init().map_err(|e| (e.kind(), e.to_string()))) {
+        Ok(t) => Ok(t),
+        Err((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
+    }
+}
+
+impl AioContext {
+    /// The context's io_uring, set up on first use (QEMU's
+    /// `aio_setup_linux_io_uring` + `aio_get_linux_io_uring`).
+    ///
+    /// # Errors
+    ///
+    /// When io_uring cannot be set up (kernel without it,
+    /// `kernel.io_uring_disabled`, a seccomp filter, the locked-memory
+    /// limit): the message says so; the same error is returned on later
+    /// calls. [`CoFile`] then falls back to the thread pool.
+    ///
+    /// # Panics
+    ///
+    /// Off the home thread.
+    #[doc(alias = "aio_setup_linux_io_uring")]
+    #[doc(alias = "aio_get_linux_io_uring")]
+    #[track_caller]
+    pub fn linux_io_uring(&self) -> io::Result<&IoUring> {
+        self.inner.assert_home("AioContext::linux_io_uring");
+        let inner = &*self.inner;
+        cached(&inner.local().engines.uring, || {
+            if inner.is_dead() {
+                return Err(io::Error::other(
+                    "AioContext::linux_io_uring: the context is shut down",
+                ));
+            }
+            let u = IoUring::new()?;
+            // SAFETY: the ring fd lives as long as the engine, which lives
+            // in the context's home state until the context is dropped,
+            // after its monitor stopped being used.
+            let fd = unsafe { BorrowedFd::borrow_raw(u.ring_fd()) };
+            inner.monitor.add(fd, URING_KEY, true, false)?;
+            Ok(u)
+        })
+    }
+
+    /// The context's Linux AIO state, set up on first use (QEMU's
+    /// `aio_setup_linux_aio` + `aio_get_linux_aio`).
+    ///
+    /// # Errors
+    ///
+    /// When `io_setup` fails (kernel without AIO, `fs.aio-max-nr`
+    /// reached, a seccomp filter): the message says so; the same error is
+    /// returned on later calls.
+    ///
+    /// # Panics
+    ///
+    /// Off the home thread.
+    #[doc(alias = "aio_setup_linux_aio")]
+    #[doc(alias = "aio_get_linux_aio")]
+    #[track_caller]
+    pub fn linux_aio(&self) -> io::Result<&LinuxAio> {
+        self.inner.assert_home("AioContext::linux_aio");
+        let inner = &*self.inner;
+        cached(&inner.local().engines.aio, || {
+            if inner.is_dead() {
+                return Err(io::Error::other(
+                    "AioContext::linux_aio: the context is shut down",
+                ));
+            }
+            let a = LinuxAio::new()?;
+            inner.monitor.add_notifier(a.eventfd(), AIO_KEY)?;
+            Ok(a)
+        })
+    }
+
+    /// The mode [`CoFile::new`] uses on this context (default
+    /// [`AioMode::Threads`]).
+    #[track_caller]
+    pub fn default_aio_mode(&self) -> AioMode {
+        self.inner.assert_home("AioContext::default_aio_mode");
+        self.inner.local().engines.default_mode.get()
+    }
+
+    /// Sets the mode [`CoFile::new`] uses on this context (QEMU sets it
+    /// per drive; this is the per-context default).
+    #[track_caller]
+    pub fn set_default_aio_mode(&self, mode: AioMode) {
+        self.inner.assert_home("AioContext::set_default_aio_mode");
+        self.inner.local().engines.default_mode.set(mode);
+    }
+}
+
+enum Engine {
+    Threads,
+    IoUring,
+    Native,
+}
+
+/// A file whose reads and writes suspend the calling coroutine instead of
+/// blocking its thread, on the engine picked at creation (QEMU's
+/// `file-posix` driver with `aio=threads|io_uring|native`).
+///
+/// Bound to one context and its home thread. If the requested engine
+/// cannot be set up, the file falls back to [`AioMode::Threads`] with a log
+/// line ([`mode`](Self::mode) tells which one is used).
+///
+/// # Examples
+///
+/// ```
+/// use coroloop::aio::{AioContext, AioMode, CoFile};
+/// use coroloop::Coroutine;
+///
+/// let ctx = AioContext::new()?;
+/// let path = std::env::temp_dir().join(format!("cofile-doc-{}", std::process::id()));
+/// let file = std::fs::OpenOptions::new().read(true).write(true).create(true).open(&path)?;
+/// let f = CoFile::with_mode(&ctx, file, AioMode::IoUring);
+/// let co = Coroutine::new(move || {
+///     f.write_at(b"hello", 0)?;
+///     let mut buf = [0u8; 5];
+///     let n = f.read_at(&mut buf, 0)?;
+///     std::io::Result::Ok(buf[..n].to_vec())
+/// });
+/// co.enter();
+/// ctx.poll_while(|| !co.is_finished());
+/// assert_eq!(co.take_result().unwrap()?, b"hello");
+/// std::fs::remove_file(path)?;
+/// # std::io::Result::Ok(())
+/// ```
+#[doc(alias = "BDRVRawState")]
+pub struct CoFile {
+    file: Arc<std::fs::File>,
+    ctx: AioContext,
+    engine: Engine,
+    direct: bool,
+    /// Whether `pwritev2(RWF_NOWAIT)` is worth trying (buffered writes
+    /// answer `EOPNOTSUPP` on many filesystems: then never again).
+    write_nowait: Cell<bool>,
+    /// Writes in flight, by sequence number, so that a flush waits for
+    /// the writes issued before it (the engines do not order them).
+    writes: RefCell<BTreeSet<u64>>,
+    next_write: Cell<u64>,
+    flushers: RefCell<Vec<RemoteCoroutine>>,
+}
+
+/// Marks one write in flight; dropped when it ended (or unwound).
+struct WriteGuard<'a> {
+    file: &'a CoFile,
+    seq: u64,
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        self.file.writes.borrow_mut().remove(&self.seq);
+        let flushers = std::mem::take(&mut *self.file.flushers.borrow_mut());
+        // Queued wakes (never a direct entry: this may run in an unwind).
+        for f in flushers {
+            f.wake();
+        }
+    }
+}
+
+impl fmt::Debug for CoFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CoFile")
+            .field("fd", &self.file.as_raw_fd())
+            .field("mode", &self.mode())
+            .field("direct", &self.direct)
+            .finish()
+    }
+}
+
+impl CoFile {
+    /// Wraps `file` with the context's default mode
+    /// ([`AioContext::set_default_aio_mode`]).
+    ///
+    /// # Panics
+    ///
+    /// Off the context's home thread.
+    #[track_caller]
+    pub fn new(ctx: &AioContext, file: std::fs::File) -> CoFile {
+        let mode = ctx.default_aio_mode();
+        CoFile::with_mode(ctx, file, mode)
+    }
+
+    /// Wraps `file` with `mode`, falling back to [`AioMode::Threads`] with a
+    /// log line if that engine cannot be set up.
+    ///
+    /// # Panics
+    ///
+    /// Off the context's home thread.
+    #[track_caller]
+    pub fn with_mode(ctx: &AioContext, file: std::fs::File, mode: AioMode) -> CoFile {
+        match CoFile::try_with_mode(ctx, file, mode) {
+            Ok(f) => f,
+            Err((file, e)) => {
+                log::warn!("coroloop: CoFile: aio={mode} unavailable, using threads: {e}");
+                CoFile::make(ctx, file, Engine::Threads)
+            }
+        }
+    }
+
+    /// Wraps `file` with `mode`, without falling back.
+    ///
+    /// # Errors
+    ///
+    /// The engine's setup error, with the file given back.
+    ///
+    /// # Panics
+    ///
+    /// Off the context's home thread.
+    #[track_caller]
+    #[allow(clippy::result_large_err)]
+    pub fn try_with_mode(
+        ctx: &AioContext,
+        file: std::fs::File,
+        mode: AioMode,
+    ) -> Result<CoFile, (std::fs::File, io::Error)> {
+        ctx.inner.assert_home("CoFile::with_mode");
+        let engine = match mode {
+            AioMode::Threads => Engine::Threads,
+            AioMode::IoUring => match ctx.linux_io_uring() {
+                Ok(_) => Engine::IoUring,
+                Err(e) => return Err((file, e)),
+            },
+            AioMode::Native => match ctx.linux_aio() {
+                Ok(_) => Engine::Native,
+                Err(e) => return Err((file, e)),
+            },
+        };
+        Ok(CoFile::make(ctx, file, engine))
+    }
+
+    fn make(ctx: &AioContext, file: std::fs::File, engine: Engine) -> CoFile {
+        let direct = rustix::fs::fcntl_getfl(&file)
+            .map(|f| f.contains(rustix::fs::OFlags::DIRECT))
+            .unwrap_or(false);
+        CoFile {
+            file: Arc::new(file),
+            ctx: ctx.clone(),
+            engine,
+            direct,
+            write_nowait: Cell::new(!direct),
+            writes: RefCell::new(BTreeSet::new()),
+            next_write: Cell::new(0),
+            flushers: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The engine in use.
+    pub fn mode(&self) -> AioMode {
+        match self.engine {
+            Engine::Threads => AioMode::Threads,
+            Engine::IoUring => AioMode::IoUring,
+            Engine::Native => AioMode::Native,
+        }
+    }
+
+    /// Whether the file was opened with `O_DIRECT`.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// The file.
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// The context whose loop completes the requests.
+    pub fn aio_context(&self) -> &AioContext {
+        &self.ctx
+    }
+
+    fn uring(&self) -> &IoUring {
+        match self.ctx.linux_io_uring() {
+            Ok(u) => u,
+            Err(_) => unreachable!("CoFile: the io_uring set up at creation is cached"),
+        }
+    }
+
+    fn aio(&self) -> &LinuxAio {
+        match self.ctx.linux_aio() {
+            Ok(a) => a,
+            Err(_) => unreachable!("CoFile: the Linux AIO set up at creation is cached"),
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// Reads into `buf` at `offset`; returns the bytes read (fewer only at
+    /// end of file, 0 there).
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or off the context's home thread.
+    #[doc(alias = "raw_co_preadv")]
+    #[track_caller]
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.readv_at(&mut [IoSliceMut::new(buf)], offset)
+    }
+
+    /// Writes `buf` at `offset`; returns the bytes written.
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or off the context's home thread.
+    #[doc(alias = "raw_co_pwritev")]
+    #[track_caller]
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        self.writev_at(&[IoSlice::new(buf)], offset)
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset` (`UnexpectedEof` if the
+    /// file ends first).
+    ///
+    /// # Panics
+    ///
+    /// As [`read_at`](Self::read_at).
+    #[track_caller]
+    pub fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset)? {
+                0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("CoFile::read_exact_at: end of file at offset {offset}"),
+                    ))
+                }
+                n => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `offset`.
+    ///
+    /// # Panics
+    ///
+    /// As [`write_at`](Self::write_at).
+    #[track_caller]
+    pub fn write_all_at(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.write_at(buf, offset)? {
+                0 => return Err(io::ErrorKind::WriteZero.into()),
+                n => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Vectored read at `offset`.
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or off the context's home thread.
+    #[track_caller]
+    pub fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+        self.ctx.inner.assert_home("CoFile::read_at");
+        match self.engine {
+            Engine::IoUring => self.uring().readv_at(self.fd(), bufs, offset),
+            Engine::Native => self.aio().readv_at(self.fd(), bufs, offset),
+            Engine::Threads => self.threads_read(bufs, offset),
+        }
+    }
+
+    /// Vectored write at `offset`.
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or off the context's home thread.
+    #[track_caller]
+    pub fn writev_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+        self.ctx.inner.assert_home("CoFile::write_at");
+        let seq = self.next_write.get();
+        self.next_write.set(seq + 1);
+        self.writes.borrow_mut().insert(seq);
+        let _g = WriteGuard { file: self, seq };
+        match self.engine {
+            Engine::IoUring => self.uring().writev_at(self.fd(), bufs, offset),
+            Engine::Native => self.aio().writev_at(self.fd(), bufs, offset),
+            Engine::Threads => self.threads_write(bufs, offset),
+        }
+    }
+
+    /// Waits until the writes issued before now have ended.
+    #[track_caller]
+    fn wait_writes(&self, api: &str) {
+        self.ctx.inner.assert_home(api);
+        let me = request::waiter(api);
+        let before = self.next_write.get();
+        while self.writes.borrow().first().is_some_and(|&s| s < before) {
+            self.flushers.borrow_mut().push(me.clone());
+            crate::coroutine::suspend();
+        }
+    }
+
+    /// Flushes data and metadata to stable storage (QEMU's `flush`):
+    /// first waits for the writes issued on this `CoFile` before the call
+    /// (the engines themselves do not order a flush after requests in
+    /// flight), then syncs.
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or off the context's home thread.
+    #[doc(alias = "raw_co_flush_to_disk")]
+    #[track_caller]
+    pub fn fsync(&self) -> io::Result<()> {
+        self.wait_writes("CoFile::fsync");
+        match self.engine {
+            Engine::IoUring => self.uring().fsync(self.fd()),
+            Engine::Native => self.aio().fsync(self.fd()),
+            Engine::Threads => {
+                let f = self.file.clone();
+                self.pool(move || f.sync_all())
+            }
+        }
+    }
+
+    /// Flushes data (not all metadata) to stable storage, after the
+    /// writes issued before the call, as [`fsync`](Self::fsync).
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or off the context's home thread.
+    #[track_caller]
+    pub fn fdatasync(&self) -> io::Result<()> {
+        self.wait_writes("CoFile::fdatasync");
+        match self.engine {
+            Engine::IoUring => self.uring().fdatasync(self.fd()),
+            Engine::Native => self.aio().fdatasync(self.fd()),
+            Engine::Threads => {
+                let f = self.file.clone();
+                self.pool(move || f.sync_data())
+            }
+        }
+    }
+
+    #[track_caller]
+    fn pool<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        if !crate::coroutine::in_coroutine() {
+            panic!("CoFile: file I/O called outside a coroutine");
+        }
+        self.ctx.thread_pool().submit_co(f)
+    }
+
+    /// The threads engine's read: inline if the page cache has the data,
+    /// else on a worker through a buffer of its own.
+    #[track_caller]
+    fn threads_read(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+        if !crate::coroutine::in_coroutine() {
+            panic!("CoFile::read_at called outside a coroutine");
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut done = 0;
+        if !self.direct {
+            match rustix::io::preadv2(self.fd(), bufs, offset, rustix::io::ReadWriteFlags::NOWAIT) {
+                Ok(n) if n == total || n == 0 => return Ok(n),
+                Ok(n) => done = n, // partly cached: the rest on a worker
+                Err(e) if e == rustix::io::Errno::AGAIN => {}
+                Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::INVAL => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let len = total - done;
+        let f = self.file.clone();
+        let at = offset + done as u64;
+        let (r, bounce) = self.pool(move || {
+            let mut b = AlignedBuf::new(len);
+            let r = rustix::io::pread(&*f, b.as_mut_slice(), at);
+            (r, b)
+        });
+        let n = r?;
+        scatter(bufs, done, &bounce.as_slice()[..n]);
+        Ok(done + n)
+    }
+
+    #[track_caller]
+    fn threads_write(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+        if !crate::coroutine::in_coroutine() {
+            panic!("CoFile::write_at called outside a coroutine");
+        }
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut done = 0;
+        if self.write_nowait.get() {
+            match rustix::io::pwritev2(self.fd(), bufs, offset, rustix::io::ReadWriteFlags::NOWAIT)
+            {
+                Ok(n) if n == total => return Ok(n),
+                Ok(n) => done = n,
+                Err(e) if e == rustix::io::Errno::AGAIN => {}
+                Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::INVAL => {
+                    self.write_nowait.set(false);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut b = AlignedBuf::new(total - done);
+        gather(bufs, done, b.as_mut_slice());
+        let f = self.file.clone();
+        let at = offset + done as u64;
+        let n = self.pool(move || rustix::io::pwrite(&*f, b.as_slice(), at))?;
+        Ok(done + n)
+    }
+}
+
+/// Copies `src` into `bufs`, starting `skip` bytes in.
+fn scatter(bufs: &mut [IoSliceMut<'_>], mut skip: usize, mut src: &[u8]) {
+    for b in bufs.iter_mut() {
+        if src.is_empty() {
+            return;
+        }
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let dst = &mut b[skip..];
+        skip = 0;
+        let n = dst.len().min(src.len());
+        dst[..n].copy_from_slice(&src[..n]);
+        src = &src[n..];
+    }
+}
+
+/// Copies `bufs`, from `skip` bytes in, into `dst`.
+fn gather(bufs: &[IoSlice<'_>], mut skip: usize, dst: &mut [u8]) {
+    let mut at = 0;
+    for b in bufs {
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let src = &b[skip..];
+        skip = 0;
+        dst[at..at + src.len()].copy_from_slice(src);
+        at += src.len();
+    }
+}
+
+/// A zeroed heap buffer aligned for `O_DIRECT` (4 KiB).
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: it owns its allocation exclusively, like a `Box<[u8]>`.
+unsafe impl Send for AlignedBuf {}
+
+const ALIGN: usize = 4096;
+
+impl AlignedBuf {
+    fn layout(len: usize) -> std::alloc::Layout {
+        let cap = len.div_ceil(ALIGN).max(1) * ALIGN;
+        match std::alloc::Layout::from_size_align(cap, ALIGN) {
+            Ok(l) => l,
+            Err(_) => panic!("CoFile: request of {len} bytes is too large"),
+        }
+    }
+
+    fn new(len: usize) -> AlignedBuf {
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(p) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        AlignedBuf { ptr, len }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `len` initialised (zeroed) bytes are allocated at `ptr`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) };
+    }
+}

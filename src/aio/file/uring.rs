@@ -1,0 +1,513 @@
+//! The io_uring engine (QEMU's `block/io_uring.c`, `aio_setup_linux_io_uring`).
+//!
+//! One ring per context, created on first use. A coroutine pushes an SQE
+//! tagged with its request slot and suspends; requests pushed during one
+//! loop iteration go to the kernel in one `io_uring_enter` when the
+//! iteration ends (QEMU's plug/unplug), and requests that find the
+//! submission queue full, or would overflow the completion queue, wait in
+//! a backlog. The ring fd sits in the context's fd monitor, so a sleeping
+//! loop wakes on completions; an awake loop reaps them from the mapped
+//! completion queue without a system call (also during busy polling).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+
+use io_uring::{opcode, squeue, types};
+
+use super::request::{self, Cancel, Requests};
+use crate::coroutine::RemoteCoroutine;
+
+/// SQ entries (QEMU uses 128); the CQ is twice as large.
+const ENTRIES: u32 = 128;
+/// user_data of our cancel requests, whose completions are ignored.
+const CANCEL_TAG: u64 = u64::MAX;
+
+/// A context's io_uring (QEMU's `LuringState`): coroutine file I/O that
+/// suspends until the kernel completes it. Get it with
+/// [`AioContext::linux_io_uring`](crate::aio::AioContext::linux_io_uring);
+/// it is bound to the context's home thread (`!Send`, `!Sync`).
+///
+/// Completions are reaped when the context polls, so use it from
+/// coroutines of that context (or of another context polled on the same
+/// thread while the first one is polled too).
+///
+/// # Cancellation
+///
+/// A coroutine unwound while its request is in flight (its owner dropped
+/// it, its context was shut down) cancels the request
+/// (`IORING_OP_ASYNC_CANCEL`) and blocks its thread until the kernel
+/// reaped it, so the buffer it lent the kernel is never written after the
+/// call returned or unwound.
+#[doc(alias = "LuringState")]
+pub struct IoUring {
+    ring: RefCell<io_uring::IoUring>,
+    reqs: RefCell<Requests>,
+    /// Entries that found the SQ full, or the CQ budget used up.
+    backlog: RefCell<VecDeque<squeue::Entry>>,
+    /// SQEs pushed but not yet submitted.
+    queued: Cell<usize>,
+    /// Entries submitted and not yet reaped (cancels included).
+    in_flight: Cell<usize>,
+    cq_cap: usize,
+    /// Reused buffers for reaping.
+    cqes: RefCell<Vec<(u64, i32)>>,
+    waiters: RefCell<Vec<RemoteCoroutine>>,
+    dead: Cell<bool>,
+}
+
+impl std::fmt::Debug for IoUring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoUring")
+            .field("in_flight", &self.in_flight.get())
+            .field("queued", &(self.queued.get() + self.backlog.borrow().len()))
+            .finish()
+    }
+}
+
+impl IoUring {
+    /// Sets up a ring; the error says io_uring is unavailable and why.
+    pub(crate) fn new() -> io::Result<IoUring> {
+        if let Some(v) = std::env::var_os("COROLOOP_DISABLE_IO_URING") {
+            if v != "0" {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "io_uring unavailable: disabled by COROLOOP_DISABLE_IO_URING",
+                ));
+            }
+        }
+        // Cooperative task running (5.19+) spares the interrupts that would
+        // otherwise post each completion; older kernels take the plain ring.
+        let ring = io_uring::IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_cqsize(ENTRIES * 2)
+            .build(ENTRIES)
+            .or_else(|_| {
+                io_uring::IoUring::builder()
+                    .setup_cqsize(ENTRIES * 2)
+                    .build(ENTRIES)
+            })
+            .map_err(|e| {
+                let hint = match e.raw_os_error() {
+                    Some(libc::ENOSYS) => " (kernel without io_uring)",
+                    Some(libc::EPERM) => {
+                        " (disabled by kernel.io_uring_disabled or a seccomp filter)"
+                    }
+                    Some(libc::ENOMEM) => " (locked-memory limit too low)",
+                    _ => "",
+                };
+                io::Error::new(
+                    e.kind(),
+                    format!("io_uring unavailable: io_uring_setup: {e}{hint}"),
+                )
+            })?;
+        let cq_cap = ring.params().cq_entries() as usize;
+        Ok(IoUring {
+            ring: RefCell::new(ring),
+            reqs: RefCell::new(Requests::default()),
+            backlog: RefCell::new(VecDeque::new()),
+            queued: Cell::new(0),
+            in_flight: Cell::new(0),
+            cq_cap,
+            cqes: RefCell::new(Vec::new()),
+            waiters: RefCell::new(Vec::new()),
+            dead: Cell::new(false),
+        })
+    }
+
+    pub(crate) fn ring_fd(&self) -> RawFd {
+        self.ring.borrow().as_raw_fd()
+    }
+
+    /// After the context shut down, new requests fail at once (nothing
+    /// would reap them).
+    pub(crate) fn set_dead(&self) {
+        self.dead.set(true);
+    }
+
+    /// Reads into `buf` at `offset` (QEMU's `luring_co_submit` with
+    /// `QEMU_AIO_READ`); returns the bytes read, 0 at end of file.
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine.
+    #[track_caller]
+    pub fn read_at(&self, fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let w = request::waiter("IoUring::read_at");
+        let len = buf.len().min(u32::MAX as usize) as u32;
+        let e = opcode::Read::new(types::Fd(fd.as_raw_fd()), buf.as_mut_ptr(), len)
+            .offset(offset)
+            .build();
+        self.run(e, w)
+    }
+
+    /// Writes `buf` at `offset`; returns the bytes written.
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine.
+    #[track_caller]
+    pub fn write_at(&self, fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
+        let w = request::waiter("IoUring::write_at");
+        let len = buf.len().min(u32::MAX as usize) as u32;
+        let e = opcode::Write::new(types::Fd(fd.as_raw_fd()), buf.as_ptr(), len)
+            .offset(offset)
+            .build();
+        self.run(e, w)
+    }
+
+    /// Vectored read at `offset` (`IORING_OP_READV`).
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine.
+    #[track_caller]
+    pub fn readv_at(
+        &self,
+        fd: BorrowedFd<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        offset: u64,
+    ) -> io::Result<usize> {
+        let w = request::waiter("IoUring::readv_at");
+        let n = iov_count(bufs.len(), "IoUring::readv_at")?;
+        // IoSliceMut is ABI-compatible with `struct iovec` on Unix.
+        let e = opcode::Readv::new(
+            types::Fd(fd.as_raw_fd()),
+            bufs.as_mut_ptr().cast::<libc::iovec>(),
+            n,
+        )
+        .offset(offset)
+        .build();
+        self.run(e, w)
+    }
+
+    /// Vectored write at `offset` (`IORING_OP_WRITEV`).
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine.
+    #[track_caller]
+    pub fn writev_at(
+        &self,
+        fd: BorrowedFd<'_>,
+        bufs: &[IoSlice<'_>],
+        offset: u64,
+    ) -> io::Result<usize> {
+        let w = request::waiter("IoUring::writev_at");
+        let n = iov_count(bufs.len(), "IoUring::writev_at")?;
+        let e = opcode::Writev::new(
+            types::Fd(fd.as_raw_fd()),
+            bufs.as_ptr().cast::<libc::iovec>(),
+            n,
+        )
+        .offset(offset)
+        .build();
+        self.run(e, w)
+    }
+
+    /// Flushes data and metadata to stable storage (`fsync`). Requests
+    /// submitted earlier by any coroutine that completed are covered;
+    /// io_uring does not order it after requests still in flight.
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine.
+    #[track_caller]
+    pub fn fsync(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let w = request::waiter("IoUring::fsync");
+        let e = opcode::Fsync::new(types::Fd(fd.as_raw_fd())).build();
+        self.run(e, w).map(|_| ())
+    }
+
+    /// Flushes data (and the metadata needed to read it) to stable storage
+    /// (`fdatasync`).
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine.
+    #[track_caller]
+    pub fn fdatasync(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let w = request::waiter("IoUring::fdatasync");
+        let e = opcode::Fsync::new(types::Fd(fd.as_raw_fd()))
+            .flags(types::FsyncFlags::DATASYNC)
+            .build();
+        self.run(e, w).map(|_| ())
+    }
+
+    /// Requests submitted to the kernel and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// Requests waiting for room in the ring.
+    pub fn queued(&self) -> usize {
+        self.queued.get() + self.backlog.borrow().len()
+    }
+
+    /// Submits `e` for the current coroutine and waits for its completion.
+    fn run(&self, e: squeue::Entry, waiter: RemoteCoroutine) -> io::Result<usize> {
+        if self.dead.get() {
+            return Err(io::Error::other(
+                "IoUring: the AioContext is shut down; no request can complete",
+            ));
+        }
+        let idx = self.reqs.borrow_mut().insert(waiter);
+        self.push(e.user_data(idx as u64));
+        request::to_result(request::wait(self, idx))
+    }
+
+    fn push(&self, e: squeue::Entry) {
+        let mut backlog = self.backlog.borrow_mut();
+        if backlog.is_empty() && self.try_push(&e) {
+            return;
+        }
+        backlog.push_back(e);
+    }
+
+    /// Pushes into the SQ if there is room there and in the CQ budget.
+    fn try_push(&self, e: &squeue::Entry) -> bool {
+        if self.in_flight.get() + self.queued.get() >= self.cq_cap {
+            return false;
+        }
+        let mut ring = self.ring.borrow_mut();
+        // SAFETY: the buffers the entry points to are borrowed by the
+        // coroutine that waits for it, which reaps or cancels it before
+        // they are released (see `request::wait`).
+        let pushed = unsafe { ring.submission().push(e).is_ok() };
+        if pushed {
+            self.queued.set(self.queued.get() + 1);
+        }
+        pushed
+    }
+
+    /// Hands the queued entries to the kernel (the end of a plugged
+    /// section), refilling the SQ from the backlog.
+    pub(crate) fn flush(&self) {
+        loop {
+            if self.queued.get() > 0 {
+                let r = self.ring.borrow().submit();
+                match r {
+                    Ok(n) => {
+                        self.queued.set(self.queued.get() - n);
+                        self.in_flight.set(self.in_flight.get() + n);
+                    }
+                    Err(e) if is_retry(&e) => return,
+                    Err(e) => {
+                        log::error!("coroloop: IoUring: io_uring_enter failed: {e}");
+                        return;
+                    }
+                }
+            }
+            let mut backlog = self.backlog.borrow_mut();
+            let mut moved = false;
+            while let Some(e) = backlog.front() {
+                if !self.try_push(e) {
+                    break;
+                }
+                backlog.pop_front();
+                moved = true;
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Whether the loop must not sleep: entries to submit or completions
+    /// to reap.
+    pub(crate) fn has_work(&self) -> bool {
+        if self.queued.get() > 0 {
+            return true;
+        }
+        if self.in_flight.get() == 0 {
+            return false;
+        }
+        !self.ring.borrow_mut().completion().is_empty()
+    }
+
+    pub(crate) fn has_completions(&self) -> bool {
+        self.in_flight.get() > 0 && !self.ring.borrow_mut().completion().is_empty()
+    }
+
+    /// Moves the CQ into `self.cqes`; returns whether there was any.
+    fn harvest(&self) -> bool {
+        let mut ring = self.ring.borrow_mut();
+        let mut out = self.cqes.borrow_mut();
+        let before = out.len();
+        for c in ring.completion() {
+            out.push((c.user_data(), c.result()));
+        }
+        out.len() > before
+    }
+
+    /// Reaps completions and wakes their coroutines; returns progress.
+    pub(crate) fn process(&self) -> bool {
+        if self.in_flight.get() == 0 || !self.harvest() {
+            return false;
+        }
+        {
+            let mut cqes = self.cqes.borrow_mut();
+            let mut reqs = self.reqs.borrow_mut();
+            let mut waiters = self.waiters.borrow_mut();
+            for (ud, res) in cqes.drain(..) {
+                self.in_flight.set(self.in_flight.get() - 1);
+                if ud == CANCEL_TAG {
+                    continue;
+                }
+                if let Some(w) = reqs.complete(ud as usize, res as i64) {
+                    waiters.push(w);
+                }
+            }
+        }
+        // Room was made: move the backlog in now, so its requests go out
+        // with the submissions of the coroutines woken below.
+        if !self.backlog.borrow().is_empty() {
+            self.flush();
+        }
+        let mut waiters = std::mem::take(&mut *self.waiters.borrow_mut());
+        request::wake_all(&mut waiters);
+        *self.waiters.borrow_mut() = waiters;
+        true
+    }
+
+    /// Removes entry `idx` from the backlog if it is still there.
+    fn unqueue(&self, idx: usize) -> bool {
+        let mut backlog = self.backlog.borrow_mut();
+        match backlog.iter().position(|e| e.get_user_data() == idx as u64) {
+            Some(i) => {
+                backlog.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Submits what is queued and blocks for one completion at least (or
+    /// none with `want == 0`); aborts if the kernel refuses, since the
+    /// buffers of requests in flight could otherwise be written later.
+    fn submit_blocking(&self, want: usize) {
+        let r = self.ring.borrow().submit_and_wait(want);
+        match r {
+            Ok(n) => {
+                self.queued.set(self.queued.get().saturating_sub(n));
+                self.in_flight.set(self.in_flight.get() + n);
+            }
+            Err(e) if is_retry(&e) => {}
+            Err(e) => {
+                log::error!(
+                    "coroloop: IoUring: io_uring_enter failed while reaping a request that \
+                     must finish before its buffer is released ({e}); aborting"
+                );
+                std::process::abort();
+            }
+        }
+    }
+
+    /// Pushes a cancel entry (blocking until the SQ has room).
+    fn push_cancel(&self, e: squeue::Entry) {
+        loop {
+            {
+                let mut ring = self.ring.borrow_mut();
+                // SAFETY: a cancel entry points to no memory.
+                if unsafe { ring.submission().push(&e).is_ok() } {
+                    self.queued.set(self.queued.get() + 1);
+                    return;
+                }
+            }
+            self.submit_blocking(0);
+        }
+    }
+
+    /// Blocks until every request in flight is reaped (teardown).
+    fn drain_all(&self) {
+        self.backlog.borrow_mut().clear();
+        let any = opcode::AsyncCancel2::new(types::CancelBuilder::any())
+            .build()
+            .user_data(CANCEL_TAG);
+        self.push_cancel(any);
+        while self.in_flight.get() + self.queued.get() > 0 {
+            self.submit_blocking(1);
+            self.harvest();
+            let n = self.cqes.borrow_mut().drain(..).count();
+            self.in_flight.set(self.in_flight.get().saturating_sub(n));
+        }
+    }
+}
+
+impl Cancel for IoUring {
+    fn take(&self, idx: usize) -> Option<i64> {
+        self.reqs.borrow_mut().take(idx)
+    }
+
+    fn cancel_and_reap(&self, idx: usize) {
+        if self.reqs.borrow().is_done(idx) || self.unqueue(idx) {
+            self.reqs.borrow_mut().remove(idx);
+            return;
+        }
+        // The entry is in the SQ or in the kernel: cancel it (the cancel
+        // goes in after it) and wait until the kernel reaped it.
+        let cancel = opcode::AsyncCancel::new(idx as u64)
+            .build()
+            .user_data(CANCEL_TAG);
+        self.push_cancel(cancel);
+        let mut stashed = Vec::new();
+        loop {
+            self.submit_blocking(1);
+            self.harvest();
+            let mut mine = false;
+            {
+                let mut cqes = self.cqes.borrow_mut();
+                let mut reqs = self.reqs.borrow_mut();
+                for (ud, res) in cqes.drain(..) {
+                    self.in_flight.set(self.in_flight.get() - 1);
+                    if ud == CANCEL_TAG {
+                        continue;
+                    }
+                    if ud == idx as u64 {
+                        mine = true;
+                        reqs.remove(idx);
+                    } else if let Some(w) = reqs.complete(ud as usize, res as i64) {
+                        stashed.push(w);
+                    }
+                }
+            }
+            if mine {
+                break;
+            }
+        }
+        // Other coroutines' completions seen meanwhile: queue their wakes
+        // through their resumer (never enter them from inside an unwind).
+        for w in stashed {
+            w.wake();
+        }
+    }
+}
+
+impl Drop for IoUring {
+    fn drop(&mut self) {
+        // Every request is owned by a waiting coroutine that reaps it
+        // before it can go away, so nothing should be left; stay sound
+        // regardless.
+        if self.in_flight.get() > 0 || self.queued.get() > 0 {
+            self.drain_all();
+        }
+    }
+}
+
+fn iov_count(n: usize, api: &str) -> io::Result<u32> {
+    if n > 1024 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{api}: {n} buffers exceed IOV_MAX (1024)"),
+        ));
+    }
+    Ok(n as u32)
+}
+
+fn is_retry(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+    )
+}
