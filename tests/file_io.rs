@@ -45,15 +45,38 @@ fn require() -> bool {
     std::env::var("COROLOOP_REQUIRE_URING").is_ok_and(|v| v == "1")
 }
 
-/// Whether `mode` can be set up here; prints `SKIP` otherwise.
+/// Whether `mode` can be set up here (probed once per engine, on a context
+/// of its own); prints `SKIP` otherwise.
 fn available(ctx: &AioContext, mode: AioMode, test: &str) -> bool {
+    static PROBES: std::sync::OnceLock<[Result<(), String>; 2]> = std::sync::OnceLock::new();
+    let probes = PROBES.get_or_init(|| {
+        let probe = AioContext::new().unwrap();
+        [
+            probe
+                .linux_io_uring()
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            probe.linux_aio().map(|_| ()).map_err(|e| e.to_string()),
+        ]
+    });
     let r = match mode {
         AioMode::Threads => return true,
-        AioMode::IoUring => ctx.linux_io_uring().map(|_| ()),
-        AioMode::Native => ctx.linux_aio().map(|_| ()),
+        AioMode::IoUring => &probes[0],
+        AioMode::Native => &probes[1],
     };
     match r {
-        Ok(()) => true,
+        Ok(()) => {
+            // The engine works here: this context's must set up too.
+            match mode {
+                AioMode::IoUring => {
+                    ctx.linux_io_uring().unwrap();
+                }
+                _ => {
+                    ctx.linux_aio().unwrap();
+                }
+            }
+            true
+        }
         Err(e) => {
             assert!(
                 !require(),

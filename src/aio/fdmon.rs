@@ -225,12 +225,13 @@ impl FdMonitor for Epoll {
             tv_nsec: 0,
         };
         let ts = timeout.map(|_| &zero);
-        let n = loop {
-            match epoll::wait(&self.epfd, &mut events[..], ts) {
-                Ok(n) => break n,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
+        let n = match epoll::wait(&self.epfd, &mut events[..], ts) {
+            Ok(n) => n,
+            // A signal, or io_uring task work (a file engine's completion
+            // posted to this thread): return as a spurious wake, so the
+            // loop reaps it now instead of sleeping again first.
+            Err(rustix::io::Errno::INTR) => return Ok(()),
+            Err(e) => return Err(e.into()),
         };
         for ev in &events[..n] {
             let f = ev.flags;
