@@ -48,7 +48,9 @@ use std::rc::Rc;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use coroloop::aio::{AioContext, AioMode, ClockType, CoFile, FdHandler, IoThread, Timer};
+use coroloop::aio::{
+    AioContext, AioMode, ClockType, CoFile, FdHandler, IoThread, IoThreadBuilder, Timer,
+};
 use coroloop::io::CoFd;
 use coroloop::sync::{CoMutex, CoQueue};
 use coroloop::Coroutine;
@@ -154,10 +156,11 @@ impl ReplyBuf {
     fn data(&mut self) -> &mut [u8] {
         &mut self.raw[self.start + 16..self.start + 16 + self.len]
     }
-    fn into_reply(mut self) -> Vec<u8> {
+    /// The buffer, cut after the data, and where the reply starts in it
+    /// (no copy).
+    fn into_reply(mut self) -> (Vec<u8>, usize) {
         self.raw.truncate(self.start + 16 + self.len);
-        self.raw.drain(..self.start);
-        self.raw
+        (self.raw, self.start)
     }
 }
 
@@ -508,15 +511,16 @@ impl Server {
         let (off, len, flags) = (req.offset, req.len as usize, req.flags);
         // With O_DIRECT, unaligned requests take the buffered descriptor.
         let direct_ok = !io.is_direct() || (off | len as u64) % DIRECT_ALIGN == 0;
-        let reply = match error {
-            Some(e) => simple_reply(req.cookie, e, 0),
+        // The reply, and where it starts in its buffer.
+        let (reply, at): (Vec<u8>, usize) = match error {
+            Some(e) => (simple_reply(req.cookie, e, 0), 0),
             None => match req.kind {
                 CMD_READ if direct_ok => {
                     // The threads engine serves page-cache hits inline.
                     let mut buf = ReplyBuf::new(req.cookie, len);
                     match io.read_exact_at(buf.data(), off) {
                         Ok(()) => buf.into_reply(),
-                        Err(e) => simple_reply(req.cookie, errno_of(&e), 0),
+                        Err(e) => (simple_reply(req.cookie, errno_of(&e), 0), 0),
                     }
                 }
                 CMD_READ => {
@@ -527,8 +531,8 @@ impl Server {
                         (buf, r)
                     });
                     match r {
-                        (buf, Ok(())) => buf,
-                        (_, Err(e)) => simple_reply(req.cookie, errno_of(&e), 0),
+                        (buf, Ok(())) => (buf, 0),
+                        (_, Err(e)) => (simple_reply(req.cookie, errno_of(&e), 0), 0),
                     }
                 }
                 CMD_WRITE if direct_ok => {
@@ -545,7 +549,7 @@ impl Server {
                             Ok(())
                         }
                     });
-                    result_reply(req.cookie, r)
+                    (result_reply(req.cookie, r), 0)
                 }
                 CMD_WRITE => {
                     let r = pool.submit_co(move || {
@@ -555,9 +559,9 @@ impl Server {
                         }
                         Ok::<(), io::Error>(())
                     });
-                    result_reply(req.cookie, r)
+                    (result_reply(req.cookie, r), 0)
                 }
-                CMD_FLUSH => result_reply(req.cookie, io.fdatasync()),
+                CMD_FLUSH => (result_reply(req.cookie, io.fdatasync()), 0),
                 CMD_TRIM | CMD_WRITE_ZEROES => {
                     let zero = req.kind == CMD_WRITE_ZEROES;
                     let r = pool.submit_co(move || {
@@ -567,14 +571,14 @@ impl Server {
                         }
                         Ok::<(), io::Error>(())
                     });
-                    result_reply(req.cookie, r)
+                    (result_reply(req.cookie, r), 0)
                 }
-                _ => simple_reply(req.cookie, EINVAL, 0),
+                _ => (simple_reply(req.cookie, EINVAL, 0), 0),
             },
         };
         self.served.set(self.served.get() + 1);
         let mut w = wr.lock();
-        if let Err(e) = w.write_all(&reply) {
+        if let Err(e) = w.write_all(&reply[at..]) {
             // A reply cut short would misframe every later one: close the
             // connection (its receive coroutine then ends too).
             log!(
@@ -907,7 +911,13 @@ fn start(
     let listener = TcpListener::bind(("127.0.0.1", port))?;
     listener.set_nonblocking(true)?;
     let port = listener.local_addr()?.port();
-    let io = IoThread::spawn("nbd-io")?;
+    let poll_max_ns: i64 = std::env::var("NBD_POLL_MAX_NS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(coroloop::aio::IOTHREAD_POLL_MAX_NS);
+    let io = IoThreadBuilder::new("nbd-io")
+        .poll_params(poll_max_ns, 0, 0)
+        .spawn()?;
     let (stopped_tx, stopped) = mpsc::channel();
     let (ready_tx, ready) = mpsc::channel();
     let f = file.clone();
