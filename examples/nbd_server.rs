@@ -14,6 +14,8 @@
 //! on the context's thread pool), `io_uring`, or `native` (Linux AIO);
 //! `--cache none` opens the image with `O_DIRECT` (requests not aligned to
 //! 4 KiB then go through a second, buffered descriptor on the thread pool).
+//! The environment variable `NBD_POLL_MAX_NS` sets the IoThread's adaptive
+//! polling limit (QEMU's `poll-max-ns`; default 32000, 0 turns it off).
 //!
 //! Serves the raw file IMAGE (created, or extended, sparse to `--size`) as
 //! the export named "" on 127.0.0.1 (default port 10809; `--port 0` picks a
