@@ -10,16 +10,22 @@
 //!
 //! ```text
 //!  poll(blocking)
-//!   ├─ timeout = blocking ? compute_timeout() : 0     BHs, coroutines, timers
-//!   ├─ busy-poll io_poll handlers up to poll_ns       adaptive polling
+//!   ├─ submit file requests queued outside the loop   (file/: io_uring, Linux AIO)
+//!   ├─ timeout = blocking ? compute_timeout() : 0     BHs, coroutines, timers,
+//!   │                                                 file completions waiting
+//!   ├─ busy-poll io_poll handlers up to poll_ns       adaptive polling (and the
+//!   │                                                 file engines' queues)
 //!   ├─ notify_me += 2; fence; if notified: timeout=0  (notify.rs)
-//!   ├─ wait for fds (epoll) up to timeout             skipped when non-blocking
+//!   ├─ wait for fds (epoll or io_uring) up to timeout skipped when non-blocking
 //!   │                                                 and nothing needs the kernel
 //!   ├─ notify_me -= 2; accept the notify
 //!   ├─ bottom halves (slices: see bh.rs)
 //!   ├─ scheduled and woken coroutines
+//!   ├─ tasks
+//!   ├─ file completions: their coroutines resume
 //!   ├─ ready fd handlers
-//!   └─ expired timers
+//!   ├─ expired timers
+//!   └─ submit the file requests of this iteration     one io_uring_enter / io_submit
 //!  returns whether any callback ran ("progress"); a bare notify is not progress
 //! ```
 //!
@@ -549,7 +555,7 @@ impl AioContext {
         if need_kernel {
             let d = timeout.map(|ns| Duration::from_nanos(ns as u64));
             if let Err(e) = inner.monitor.wait(d, &mut ready) {
-                log::error!("coroloop: AioContext::poll: epoll_wait failed: {e}");
+                log::error!("coroloop: AioContext::poll: waiting for fds failed: {e}");
             }
         }
         if use_notify_me {
