@@ -99,6 +99,9 @@ pub struct LinuxAio {
     events: RefCell<Vec<IoEvent>>,
     waiters: RefCell<Vec<RemoteCoroutine>>,
     dead: Cell<bool>,
+    /// The last `io_submit` left requests with the device (`O_DIRECT`):
+    /// submit at once instead of plugging (see `IoUring`).
+    device_bound: Cell<bool>,
 }
 
 impl std::fmt::Debug for LinuxAio {
@@ -163,6 +166,7 @@ impl LinuxAio {
             events: RefCell::new(vec![IoEvent::default(); MAX_EVENTS]),
             waiters: RefCell::new(Vec::new()),
             dead: Cell::new(false),
+            device_bound: Cell::new(false),
         })
     }
 
@@ -320,6 +324,9 @@ impl LinuxAio {
             iocbs[idx] = Some(cb);
         }
         self.pending.borrow_mut().push_back(idx);
+        if self.device_bound.get() {
+            self.flush();
+        }
         request::to_result(request::wait(self, idx))
     }
 
@@ -353,6 +360,7 @@ impl LinuxAio {
             if ptrs.is_empty() {
                 return;
             }
+            let before = self.ring_len();
             // SAFETY: every pointer is a live boxed iocb whose buffers are
             // borrowed by the coroutine waiting for it (see `request::wait`).
             let r = unsafe {
@@ -367,6 +375,9 @@ impl LinuxAio {
                 Ok(n) => {
                     self.pending.borrow_mut().drain(..n);
                     self.in_flight.set(self.in_flight.get() + n);
+                    // Buffered requests complete inside io_submit.
+                    self.device_bound
+                        .set(self.ring_len().saturating_sub(before) < n);
                     if n < ptrs.len() {
                         return; // the kernel is out of room: retry later
                     }
@@ -390,23 +401,27 @@ impl LinuxAio {
         }
     }
 
-    /// Whether completions wait in the ring (a memory read, no syscall).
-    pub(crate) fn has_completions(&self) -> bool {
-        if self.in_flight.get() == 0 {
-            return false;
-        }
+    /// Events waiting in the completion ring (a memory read, no syscall);
+    /// `usize::MAX` if the ring's layout is not the one we know.
+    fn ring_len(&self) -> usize {
         let ring = self.ctx_id as *const AioRing;
         // SAFETY: the kernel maps `struct aio_ring` at the context id for
-        // the context's lifetime; head and tail are read with volatile
-        // loads as the kernel updates them concurrently.
+        // the context's lifetime; its fields are read with volatile loads
+        // as the kernel updates them concurrently.
         unsafe {
             if std::ptr::read_volatile(&(*ring).magic) != AIO_RING_MAGIC {
-                return true; // unknown layout: ask the kernel
+                return usize::MAX;
             }
-            let head = std::ptr::read_volatile(&(*ring).head);
-            let tail = std::ptr::read_volatile(&(*ring).tail);
-            head != tail
+            let nr = std::ptr::read_volatile(&(*ring).nr).max(1);
+            let head = std::ptr::read_volatile(&(*ring).head) % nr;
+            let tail = std::ptr::read_volatile(&(*ring).tail) % nr;
+            ((tail + nr - head) % nr) as usize
         }
+    }
+
+    /// Whether completions wait in the ring (no syscall).
+    pub(crate) fn has_completions(&self) -> bool {
+        self.in_flight.get() > 0 && self.ring_len() > 0
     }
 
     pub(crate) fn has_work(&self) -> bool {

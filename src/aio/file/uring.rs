@@ -55,6 +55,9 @@ pub struct IoUring {
     cqes: RefCell<Vec<(u64, i32)>>,
     waiters: RefCell<Vec<RemoteCoroutine>>,
     dead: Cell<bool>,
+    /// The last submission went to the device (not all of it completed
+    /// inside `io_uring_enter`): submit at once instead of plugging.
+    device_bound: Cell<bool>,
 }
 
 impl std::fmt::Debug for IoUring {
@@ -113,6 +116,7 @@ impl IoUring {
             cqes: RefCell::new(Vec::new()),
             waiters: RefCell::new(Vec::new()),
             dead: Cell::new(false),
+            device_bound: Cell::new(false),
         })
     }
 
@@ -254,6 +258,13 @@ impl IoUring {
         }
         let idx = self.reqs.borrow_mut().insert(waiter);
         self.push(e.user_data(idx as u64));
+        if self.device_bound.get() {
+            // Requests that wait for the device gain nothing from a batch
+            // and lose from it: a batch completes together and leaves the
+            // device idle while the loop turns around (measured: O_DIRECT
+            // at depth 16 ran 47k reads/s plugged, 57-63k unplugged).
+            self.flush();
+        }
         request::to_result(request::wait(self, idx))
     }
 
@@ -286,11 +297,16 @@ impl IoUring {
     pub(crate) fn flush(&self) {
         loop {
             if self.queued.get() > 0 {
+                let before = self.cq_len();
                 let r = self.ring.borrow().submit();
                 match r {
                     Ok(n) => {
                         self.queued.set(self.queued.get() - n);
                         self.in_flight.set(self.in_flight.get() + n);
+                        // Page-cache hits complete inside the call: keep
+                        // batching those (one system call for the lot).
+                        self.device_bound
+                            .set(self.cq_len().saturating_sub(before) < n);
                     }
                     Err(e) if is_retry(&e) => return,
                     Err(e) => {
@@ -324,6 +340,10 @@ impl IoUring {
             return false;
         }
         !self.ring.borrow_mut().completion().is_empty()
+    }
+
+    fn cq_len(&self) -> usize {
+        self.ring.borrow_mut().completion().len()
     }
 
     pub(crate) fn has_completions(&self) -> bool {
