@@ -4,8 +4,9 @@
 //!
 //! Meant for `O_DIRECT` files: on a buffered file the kernel performs the
 //! request inside `io_submit`, blocking the loop. Requests pushed during
-//! one loop iteration go out in one `io_submit` when it ends; beyond the
-//! context's event budget they wait in a backlog.
+//! one loop iteration go out in one `io_submit` when it ends, unless the
+//! last submission went to the device (then at once, as for io_uring);
+//! beyond the context's event budget they wait in a backlog.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;

@@ -3,7 +3,10 @@
 //! One ring per context, created on first use. A coroutine pushes an SQE
 //! tagged with its request slot and suspends; requests pushed during one
 //! loop iteration go to the kernel in one `io_uring_enter` when the
-//! iteration ends (QEMU's plug/unplug), and requests that find the
+//! iteration ends (QEMU's plug/unplug) — unless the last submission went
+//! to the device (did not complete inside the call, e.g. `O_DIRECT`): then
+//! each is submitted at once, so the device queue stays staggered instead
+//! of completing and refilling in lockstep. Requests that find the
 //! submission queue full, or would overflow the completion queue, wait in
 //! a backlog. The ring fd sits in the context's fd monitor, so a sleeping
 //! loop wakes on completions; an awake loop reaps them from the mapped
