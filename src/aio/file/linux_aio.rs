@@ -497,7 +497,12 @@ impl LinuxAio {
         let mut waiters = std::mem::take(&mut *self.waiters.borrow_mut());
         progress |= !waiters.is_empty();
         request::wake_all(&mut waiters);
-        *self.waiters.borrow_mut() = waiters;
+        // Keep the allocation, unless a waiter was queued meanwhile (a
+        // submission that failed while the coroutines ran).
+        let mut w = self.waiters.borrow_mut();
+        if w.is_empty() {
+            *w = waiters;
+        }
         progress
     }
 }

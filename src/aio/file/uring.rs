@@ -390,7 +390,12 @@ impl IoUring {
         }
         let mut waiters = std::mem::take(&mut *self.waiters.borrow_mut());
         request::wake_all(&mut waiters);
-        *self.waiters.borrow_mut() = waiters;
+        // Keep the allocation, unless a waiter was queued meanwhile (a
+        // submission that failed while the coroutines ran).
+        let mut w = self.waiters.borrow_mut();
+        if w.is_empty() {
+            *w = waiters;
+        }
         true
     }
 
