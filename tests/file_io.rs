@@ -596,3 +596,49 @@ fn a_panicking_coroutine_does_not_strand_the_others_of_its_batch() {
         std::fs::remove_file(&p).unwrap();
     }
 }
+
+#[test]
+fn a_request_the_kernel_refuses_fails_alone() {
+    let _s = serial();
+    for mode in [AioMode::IoUring, AioMode::Native] {
+        let ctx = AioContext::new().unwrap();
+        if !available(&ctx, mode, "refused") {
+            continue;
+        }
+        let p = path(&format!("refused-{mode}"));
+        std::fs::write(&p, pattern(5, 4096)).unwrap();
+        // Reading a write-only file: EBADF from the kernel (for Linux AIO,
+        // from io_submit itself, in the middle of a batch).
+        let wo = Rc::new(OpenOptions::new().write(true).open(&p).unwrap());
+        let f = Rc::new(CoFile::with_mode(&ctx, open_rw(&p, false).unwrap(), mode));
+        let mut cos = Vec::new();
+        for i in 0..6u64 {
+            let (f, wo, ctx2) = (f.clone(), wo.clone(), ctx.clone());
+            cos.push(Coroutine::new(move || {
+                let mut b = [0u8; 512];
+                if i == 3 {
+                    let r = match mode {
+                        AioMode::IoUring => {
+                            ctx2.linux_io_uring()
+                                .unwrap()
+                                .read_at(wo.as_fd(), &mut b, 0)
+                        }
+                        _ => ctx2.linux_aio().unwrap().read_at(wo.as_fd(), &mut b, 0),
+                    };
+                    return r.unwrap_err().raw_os_error().map(|e| e as u64);
+                }
+                f.read_at(&mut b, i * 512).unwrap();
+                Some(b[0] as u64)
+            }));
+        }
+        let got = run_all(&ctx, cos);
+        for (i, g) in got.iter().enumerate() {
+            if i == 3 {
+                assert_eq!(*g, Some(libc::EBADF as u64), "aio={mode}");
+            } else {
+                assert_eq!(*g, Some(pattern(5, 4096)[i * 512] as u64), "aio={mode}");
+            }
+        }
+        std::fs::remove_file(&p).unwrap();
+    }
+}
