@@ -187,6 +187,7 @@ impl LinuxAio {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "laio_co_submit")]
     #[track_caller]
     pub fn read_at(&self, fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let w = request::waiter("LinuxAio::read_at");
@@ -205,6 +206,7 @@ impl LinuxAio {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "laio_co_submit")]
     #[track_caller]
     pub fn write_at(&self, fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
         let w = request::waiter("LinuxAio::write_at");
@@ -223,6 +225,7 @@ impl LinuxAio {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "laio_co_submit")]
     #[track_caller]
     pub fn readv_at(
         &self,
@@ -240,6 +243,7 @@ impl LinuxAio {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "laio_co_submit")]
     #[track_caller]
     pub fn writev_at(
         &self,
@@ -257,6 +261,7 @@ impl LinuxAio {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "laio_co_submit")]
     #[track_caller]
     pub fn fsync(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let w = request::waiter("LinuxAio::fsync");
@@ -268,6 +273,7 @@ impl LinuxAio {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "laio_co_submit")]
     #[track_caller]
     pub fn fdatasync(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let w = request::waiter("LinuxAio::fdatasync");

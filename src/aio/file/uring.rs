@@ -139,6 +139,7 @@ impl IoUring {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "luring_co_submit")]
     #[track_caller]
     pub fn read_at(&self, fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let w = request::waiter("IoUring::read_at");
@@ -154,6 +155,7 @@ impl IoUring {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "luring_co_submit")]
     #[track_caller]
     pub fn write_at(&self, fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
         let w = request::waiter("IoUring::write_at");
@@ -169,6 +171,7 @@ impl IoUring {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "luring_co_submit")]
     #[track_caller]
     pub fn readv_at(
         &self,
@@ -194,6 +197,7 @@ impl IoUring {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "luring_co_submit")]
     #[track_caller]
     pub fn writev_at(
         &self,
@@ -220,6 +224,7 @@ impl IoUring {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "luring_co_submit")]
     #[track_caller]
     pub fn fsync(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let w = request::waiter("IoUring::fsync");
@@ -233,6 +238,7 @@ impl IoUring {
     /// # Panics
     ///
     /// Outside a coroutine.
+    #[doc(alias = "luring_co_submit")]
     #[track_caller]
     pub fn fdatasync(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let w = request::waiter("IoUring::fdatasync");
