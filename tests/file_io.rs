@@ -642,3 +642,37 @@ fn a_request_the_kernel_refuses_fails_alone() {
         std::fs::remove_file(&p).unwrap();
     }
 }
+
+#[test]
+fn cofile_calls_outside_a_coroutine_name_the_call() {
+    let _s = serial();
+    for mode in MODES {
+        let ctx = AioContext::new().unwrap();
+        if !available(&ctx, mode, "cofile_outside") {
+            continue;
+        }
+        let p = path(&format!("outside-{mode}"));
+        let f = CoFile::with_mode(&ctx, open_rw(&p, false).unwrap(), mode);
+        let msg = |r: std::thread::Result<()>| *r.unwrap_err().downcast::<String>().unwrap();
+        let mut b = [0u8; 8];
+        type Call<'a> = (&'static str, Box<dyn FnOnce() + 'a>);
+        let calls: [Call<'_>; 4] = [
+            ("CoFile::read_at", Box::new(|| drop(f.read_at(&mut b, 0)))),
+            (
+                "CoFile::writev_at",
+                Box::new(|| drop(f.writev_at(&[IoSlice::new(b"x")], 0))),
+            ),
+            ("CoFile::fsync", Box::new(|| drop(f.fsync()))),
+            ("CoFile::fdatasync", Box::new(|| drop(f.fdatasync()))),
+        ];
+        for (api, call) in calls {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(call));
+            assert_eq!(
+                msg(r),
+                format!("{api} called outside a coroutine"),
+                "aio={mode}"
+            );
+        }
+        std::fs::remove_file(&p).unwrap();
+    }
+}

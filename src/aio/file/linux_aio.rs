@@ -475,27 +475,34 @@ impl LinuxAio {
         }
     }
 
+    /// Takes the first `n` events of `self.events` off `in_flight`: their
+    /// results go to their slots (the waiters to `out`), their control
+    /// blocks are freed. The event of `skip` (a request being cancelled) is
+    /// only noted: returns whether it was among them.
+    fn record(&self, n: usize, skip: Option<usize>, out: &mut Vec<RemoteCoroutine>) -> bool {
+        self.in_flight.set(self.in_flight.get() - n);
+        let events = self.events.borrow();
+        let mut reqs = self.reqs.borrow_mut();
+        let mut seen = false;
+        for ev in &events[..n] {
+            let i = ev.data as usize;
+            if Some(i) == skip {
+                seen = true;
+            } else {
+                out.extend(reqs.complete(i, ev.res));
+                self.release(i);
+            }
+        }
+        seen
+    }
+
     /// Reaps completions and wakes their coroutines; returns progress.
     pub(crate) fn process(&self) -> bool {
         let mut progress = false;
-        if self.in_flight.get() > 0 && self.has_completions() {
+        if self.has_completions() {
             let n = self.getevents(0, false);
-            if n > 0 {
-                progress = true;
-                self.in_flight.set(self.in_flight.get() - n);
-                let events = self.events.borrow();
-                let mut reqs = self.reqs.borrow_mut();
-                let mut waiters = self.waiters.borrow_mut();
-                for ev in &events[..n] {
-                    let idx = ev.data as usize;
-                    if let Some(w) = reqs.complete(idx, ev.res) {
-                        waiters.push(w);
-                    }
-                    drop(reqs);
-                    self.release(idx);
-                    reqs = self.reqs.borrow_mut();
-                }
-            }
+            progress = n > 0;
+            self.record(n, None, &mut self.waiters.borrow_mut());
         }
         if self.has_pending() {
             self.flush();
@@ -553,25 +560,10 @@ impl Cancel for LinuxAio {
             // Cancelled: the event came back here, not through the ring.
             self.in_flight.set(self.in_flight.get() - 1);
         } else {
-            loop {
+            let mut mine = false;
+            while !mine {
                 let n = self.getevents(1, true);
-                self.in_flight.set(self.in_flight.get() - n);
-                let mut mine = false;
-                let events: Vec<IoEvent> = self.events.borrow()[..n].to_vec();
-                for ev in events {
-                    let i = ev.data as usize;
-                    if i == idx {
-                        mine = true;
-                    } else if let Some(w) = self.reqs.borrow_mut().complete(i, ev.res) {
-                        stashed.push(w);
-                    }
-                    if i != idx {
-                        self.release(i);
-                    }
-                }
-                if mine {
-                    break;
-                }
+                mine = self.record(n, Some(idx), &mut stashed);
             }
         }
         self.reqs.borrow_mut().remove(idx);

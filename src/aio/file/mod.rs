@@ -458,7 +458,7 @@ impl CoFile {
     #[doc(alias = "raw_co_preadv")]
     #[track_caller]
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.readv_at(&mut [IoSliceMut::new(buf)], offset)
+        self.read("CoFile::read_at", &mut [IoSliceMut::new(buf)], offset)
     }
 
     /// Writes `buf` at `offset`; returns the bytes written.
@@ -469,7 +469,7 @@ impl CoFile {
     #[doc(alias = "raw_co_pwritev")]
     #[track_caller]
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
-        self.writev_at(&[IoSlice::new(buf)], offset)
+        self.write("CoFile::write_at", &[IoSlice::new(buf)], offset)
     }
 
     /// Reads exactly `buf.len()` bytes at `offset` (`UnexpectedEof` if the
@@ -523,12 +523,7 @@ impl CoFile {
     /// Outside a coroutine, or off the context's home thread.
     #[track_caller]
     pub fn readv_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
-        self.ctx.inner.assert_home("CoFile::read_at");
-        match self.engine {
-            Engine::IoUring => self.uring().readv_at(self.fd(), bufs, offset),
-            Engine::Native => self.aio().readv_at(self.fd(), bufs, offset),
-            Engine::Threads => self.threads_read(bufs, offset),
-        }
+        self.read("CoFile::readv_at", bufs, offset)
     }
 
     /// Vectored write at `offset`.
@@ -538,7 +533,31 @@ impl CoFile {
     /// Outside a coroutine, or off the context's home thread.
     #[track_caller]
     pub fn writev_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
-        self.ctx.inner.assert_home("CoFile::write_at");
+        self.write("CoFile::writev_at", bufs, offset)
+    }
+
+    /// Every call starts here: on the home thread, in a coroutine.
+    #[track_caller]
+    fn check(&self, api: &str) {
+        self.ctx.inner.assert_home(api);
+        if !crate::coroutine::in_coroutine() {
+            panic!("{api} called outside a coroutine");
+        }
+    }
+
+    #[track_caller]
+    fn read(&self, api: &str, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
+        self.check(api);
+        match self.engine {
+            Engine::IoUring => self.uring().readv_at(self.fd(), bufs, offset),
+            Engine::Native => self.aio().readv_at(self.fd(), bufs, offset),
+            Engine::Threads => self.threads_read(bufs, offset),
+        }
+    }
+
+    #[track_caller]
+    fn write(&self, api: &str, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
+        self.check(api);
         let seq = self.next_write.get();
         self.next_write.set(seq + 1);
         self.writes.borrow_mut().insert(seq);
@@ -553,7 +572,7 @@ impl CoFile {
     /// Waits until the writes issued before now have ended.
     #[track_caller]
     fn wait_writes(&self, api: &str) {
-        self.ctx.inner.assert_home(api);
+        self.check(api);
         let me = request::waiter(api);
         let before = self.next_write.get();
         while self.writes.borrow().first().is_some_and(|&s| s < before) {
@@ -603,11 +622,7 @@ impl CoFile {
         }
     }
 
-    #[track_caller]
     fn pool<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        if !crate::coroutine::in_coroutine() {
-            panic!("CoFile: file I/O called outside a coroutine");
-        }
         self.ctx.thread_pool().submit_co(f)
     }
 
@@ -615,9 +630,6 @@ impl CoFile {
     /// else on a worker through a buffer of its own.
     #[track_caller]
     fn threads_read(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> io::Result<usize> {
-        if !crate::coroutine::in_coroutine() {
-            panic!("CoFile::read_at called outside a coroutine");
-        }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let mut done = 0;
         if !self.direct {
@@ -644,9 +656,6 @@ impl CoFile {
 
     #[track_caller]
     fn threads_write(&self, bufs: &[IoSlice<'_>], offset: u64) -> io::Result<usize> {
-        if !crate::coroutine::in_coroutine() {
-            panic!("CoFile::write_at called outside a coroutine");
-        }
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         let mut done = 0;
         if self.write_nowait.get() {

@@ -54,8 +54,7 @@ pub struct IoUring {
     /// Entries submitted and not yet reaped (cancels included).
     in_flight: Cell<usize>,
     cq_cap: usize,
-    /// Reused buffers for reaping.
-    cqes: RefCell<Vec<(u64, i32)>>,
+    /// Reused buffer of the coroutines to wake after a reap.
     waiters: RefCell<Vec<RemoteCoroutine>>,
     dead: Cell<bool>,
     /// The last submission went to the device (not all of it completed
@@ -116,7 +115,6 @@ impl IoUring {
             queued: Cell::new(0),
             in_flight: Cell::new(0),
             cq_cap,
-            cqes: RefCell::new(Vec::new()),
             waiters: RefCell::new(Vec::new()),
             dead: Cell::new(false),
             device_bound: Cell::new(false),
@@ -342,13 +340,7 @@ impl IoUring {
     /// Whether the loop must not sleep: entries to submit or completions
     /// to reap.
     pub(crate) fn has_work(&self) -> bool {
-        if self.queued.get() > 0 {
-            return true;
-        }
-        if self.in_flight.get() == 0 {
-            return false;
-        }
-        !self.ring.borrow_mut().completion().is_empty()
+        self.queued.get() > 0 || self.has_completions()
     }
 
     fn cq_len(&self) -> usize {
@@ -359,35 +351,34 @@ impl IoUring {
         self.in_flight.get() > 0 && !self.ring.borrow_mut().completion().is_empty()
     }
 
-    /// Moves the CQ into `self.cqes`; returns whether there was any.
-    fn harvest(&self) -> bool {
+    /// Empties the CQ: every completion is counted off `in_flight`, and
+    /// those of requests (not of our cancels) go to `f(slot, result)`.
+    /// Returns how many there were.
+    fn reap(&self, mut f: impl FnMut(usize, i64)) -> usize {
         let mut ring = self.ring.borrow_mut();
-        let mut out = self.cqes.borrow_mut();
-        let before = out.len();
+        let mut n = 0;
         for c in ring.completion() {
-            out.push((c.user_data(), c.result()));
+            n += 1;
+            if c.user_data() != CANCEL_TAG {
+                f(c.user_data() as usize, c.result() as i64);
+            }
         }
-        out.len() > before
+        self.in_flight.set(self.in_flight.get().saturating_sub(n));
+        n
     }
 
     /// Reaps completions and wakes their coroutines; returns progress.
     pub(crate) fn process(&self) -> bool {
-        if self.in_flight.get() == 0 || !self.harvest() {
+        if self.in_flight.get() == 0 {
             return false;
         }
-        {
-            let mut cqes = self.cqes.borrow_mut();
+        let reaped = {
             let mut reqs = self.reqs.borrow_mut();
             let mut waiters = self.waiters.borrow_mut();
-            for (ud, res) in cqes.drain(..) {
-                self.in_flight.set(self.in_flight.get() - 1);
-                if ud == CANCEL_TAG {
-                    continue;
-                }
-                if let Some(w) = reqs.complete(ud as usize, res as i64) {
-                    waiters.push(w);
-                }
-            }
+            self.reap(|idx, res| waiters.extend(reqs.complete(idx, res)))
+        };
+        if reaped == 0 {
+            return false;
         }
         // Room was made: move the backlog in now, so its requests go out
         // with the submissions of the coroutines woken below.
@@ -462,9 +453,7 @@ impl IoUring {
         self.push_cancel(any);
         while self.in_flight.get() + self.queued.get() > 0 {
             self.submit_blocking(1);
-            self.harvest();
-            let n = self.cqes.borrow_mut().drain(..).count();
-            self.in_flight.set(self.in_flight.get().saturating_sub(n));
+            self.reap(|_, _| {});
         }
     }
 }
@@ -486,29 +475,18 @@ impl Cancel for IoUring {
             .user_data(CANCEL_TAG);
         self.push_cancel(cancel);
         let mut stashed = Vec::new();
-        loop {
+        let mut mine = false;
+        while !mine {
             self.submit_blocking(1);
-            self.harvest();
-            let mut mine = false;
-            {
-                let mut cqes = self.cqes.borrow_mut();
-                let mut reqs = self.reqs.borrow_mut();
-                for (ud, res) in cqes.drain(..) {
-                    self.in_flight.set(self.in_flight.get() - 1);
-                    if ud == CANCEL_TAG {
-                        continue;
-                    }
-                    if ud == idx as u64 {
-                        mine = true;
-                        reqs.remove(idx);
-                    } else if let Some(w) = reqs.complete(ud as usize, res as i64) {
-                        stashed.push(w);
-                    }
+            let mut reqs = self.reqs.borrow_mut();
+            self.reap(|i, res| {
+                if i == idx {
+                    mine = true;
+                    reqs.remove(idx);
+                } else {
+                    stashed.extend(reqs.complete(i, res));
                 }
-            }
-            if mine {
-                break;
-            }
+            });
         }
         // Other coroutines' completions seen meanwhile: queue their wakes
         // through their resumer (never enter them from inside an unwind).
