@@ -4,12 +4,11 @@
 //! lock-free queue and enters them on its home thread during `poll`, after
 //! the bottom halves (QEMU's `co_schedule_bh`).
 
-use std::cell::Cell;
 use std::sync::{Arc, OnceLock, Weak};
 
 use concurrent_queue::ConcurrentQueue;
 
-use super::{AioContext, Inner, HOME_DEFAULT, RUNNING};
+use super::{running_inner, AioContext, Inner, HOME_DEFAULT};
 use crate::coroutine::{enter_request, CoReqKind, Coroutine, Erased, RemoteRef, Request, Resumer};
 
 pub(crate) struct CoQueue {
@@ -88,9 +87,10 @@ impl Resumer for CtxResumer {
 /// The resumer for a coroutine created outside any coroutine on this
 /// thread: the context whose `poll` runs here, else the thread's default.
 pub(crate) fn thread_default_resumer() -> Option<Arc<dyn Resumer>> {
-    let running = RUNNING.with(Cell::get);
+    let running = running_inner();
     if !running.is_null() {
-        // SAFETY: `poll` keeps its context alive while RUNNING points to it.
+        // SAFETY: the running loop's `poll` frame is on the current call
+        // chain and keeps its context alive (see `AioContext::current`).
         let inner = unsafe { &*running };
         return inner
             .co

@@ -86,8 +86,6 @@ thread_local! {
     /// `ThreadId` it is a plain TLS load, and unlike a TLS address it is
     /// never reused.
     static THREAD_SERIAL: Cell<u64> = const { Cell::new(0) };
-    /// The context whose `poll` runs on this thread (innermost), or null.
-    static RUNNING: Cell<*const Inner> = const { Cell::new(std::ptr::null()) };
     /// The first context created on this thread that is still alive.
     static HOME_DEFAULT: RefCell<Option<Weak<Inner>>> = const { RefCell::new(None) };
 }
@@ -417,10 +415,11 @@ impl AioContext {
     /// `qemu_get_current_aio_context`).
     #[doc(alias = "qemu_get_current_aio_context")]
     pub fn current() -> Option<AioContext> {
-        let running = RUNNING.with(Cell::get);
+        let running = running_inner();
         if !running.is_null() {
-            // SAFETY: `poll` keeps its context alive while it runs (it holds
-            // `&self`), and RUNNING is restored before it returns.
+            // SAFETY: the running loop is a context whose `poll` frame is on
+            // the current call chain, holding `&self` (see
+            // `coroutine::running_loop`): alive while we run.
             unsafe { Arc::increment_strong_count(running) };
             // SAFETY: we just took the count this Arc gives back.
             let inner = unsafe { Arc::from_raw(running) };
@@ -811,22 +810,37 @@ impl AioContext {
     }
 }
 
-/// Marks a context as running on this thread for `AioContext::current`.
+/// The context whose `poll` is the innermost one running on the current
+/// call chain, or null.
+pub(crate) fn running_inner() -> *const Inner {
+    crate::coroutine::running_loop().cast()
+}
+
+/// Marks a context as running on the current stack for
+/// `AioContext::current`, until dropped.
+///
+/// This guard may sit on a coroutine's stack while the coroutine is
+/// suspended (a callback of this `poll` suspended it). That is why it does
+/// not restore a thread-wide value it saved: it restores the previous loop
+/// *of its own stack*, and the thread-wide value is switched with the
+/// coroutine (see `coroutine/current.rs`). Hole 1 of the soundness review:
+/// a guard that saved and restored the thread's value put back, after a
+/// later resumption, a context that had been freed meanwhile.
 struct RunningGuard {
-    prev: *const Inner,
+    prev: *const (),
 }
 
 impl RunningGuard {
     fn enter(inner: &Inner) -> RunningGuard {
         RunningGuard {
-            prev: RUNNING.with(|r| r.replace(inner)),
+            prev: crate::coroutine::push_loop((inner as *const Inner).cast()),
         }
     }
 }
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        RUNNING.with(|r| r.set(self.prev));
+        crate::coroutine::pop_loop(self.prev);
     }
 }
 

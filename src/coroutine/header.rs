@@ -342,6 +342,11 @@ pub(crate) struct Header {
     /// so the signal handler need not format anything.
     pub(crate) overflow_msg: UnsafeCell<Option<Box<[u8]>>>,
     pub(crate) resumer: UnsafeCell<Option<std::sync::Arc<dyn Resumer>>>,
+    /// The innermost event loop whose `poll` runs on this coroutine's own
+    /// stack (null if none); see `current.rs`.
+    pub(crate) own_loop: Cell<*const ()>,
+    /// The running loop of whoever resumed this coroutine last.
+    pub(crate) base_loop: Cell<*const ()>,
     /// Bumped whenever the coroutine finishes and whenever the header is
     /// reused; a remote reference carrying an older value is stale.
     pub(crate) generation: AtomicU64,
@@ -385,6 +390,8 @@ impl Header {
             name: UnsafeCell::new(None),
             overflow_msg: UnsafeCell::new(None),
             resumer: UnsafeCell::new(None),
+            own_loop: Cell::new(ptr::null()),
+            base_loop: Cell::new(ptr::null()),
             generation: AtomicU64::new(0),
             remote: RemoteCount::new(),
         });
@@ -407,6 +414,9 @@ impl Header {
         self.state.set(State::Fresh);
         self.strong.set(1);
         self.cancelling.set(false);
+        // A leaked (never finished) predecessor cannot be recycled, so no
+        // poll frame of an earlier coroutine is left on this header.
+        self.own_loop.set(ptr::null());
         self.bump_generation();
     }
 

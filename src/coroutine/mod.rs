@@ -100,6 +100,7 @@ pub use wake::{reschedule_self, sleep, yield_now, RemoteCoroutine};
 use header::{Header, State, WakeList, WeakRef};
 use pool::{Cancelled, Cmd, Event, Worker};
 
+pub(crate) use current::{pop_loop, push_loop, running_loop};
 pub(crate) use header::{CoReqKind, Resumer};
 pub(crate) use wake::{enter_request, Request};
 
@@ -680,9 +681,13 @@ fn switch(h: &Header, from: *const Header, cmd: Cmd) -> Event {
     };
     h.state.set(State::Running);
     current::set_current(h);
+    // The running loop is per stack: saved here and restored below, never
+    // by a guard on a stack that may stay suspended (see `current.rs`).
+    let saved_loop = current::enter_coroutine(h);
     // SAFETY: `w` is this coroutine's worker, alive while unfinished, and
     // not on the call chain (the coroutine was Fresh or Suspended).
     let ev = unsafe { Worker::resume(w, cmd) };
+    current::leave_coroutine(saved_loop);
     current::set_current(from);
     if ev == Event::Suspended {
         h.state.set(State::Suspended);
