@@ -123,3 +123,455 @@ fn unwinding_a_coroutine_suspended_in_a_nested_poll_keeps_the_running_context() 
         assert!(AioContext::current().unwrap().ptr_eq(&b));
     });
 }
+
+// ---------------------------------------------------------------------
+// Holes 4 and 5: thread teardown.
+//
+// std destroys thread-locals in reverse order of first use. The tests
+// below place a user thread-local before and after coroloop's own (first
+// used when the thread creates a coroutine or sets up a file engine), and
+// check the orders a library can close. The one it cannot close is stated
+// in the crate docs and RELIABILITY.md.
+
+use std::cell::RefCell;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use coroloop::aio::IoThread;
+
+const LEN: usize = 256;
+const GUARD: usize = 64;
+const FREED: u8 = 0xDD;
+
+/// A buffer in a thread-local whose destruction is simulated: its
+/// destructor fills it with `FREED` and leaks it, publishing its address,
+/// so that a kernel write landing after the "free" is seen once the thread
+/// has exited. AddressSanitizer and valgrind cannot see kernel writes;
+/// this can. `GUARD` canary bytes on each side catch a write past the
+/// lent region.
+struct CanaryBuf {
+    bytes: Box<[u8; LEN + 2 * GUARD]>,
+    freed_at: &'static AtomicUsize,
+}
+
+impl CanaryBuf {
+    fn new(freed_at: &'static AtomicUsize) -> CanaryBuf {
+        CanaryBuf {
+            bytes: Box::new([0xC1; LEN + 2 * GUARD]),
+            freed_at,
+        }
+    }
+    fn lent(&mut self) -> &mut [u8] {
+        &mut self.bytes[GUARD..GUARD + LEN]
+    }
+}
+
+impl Drop for CanaryBuf {
+    fn drop(&mut self) {
+        self.bytes.fill(FREED);
+        let leaked = std::mem::replace(&mut self.bytes, Box::new([0; LEN + 2 * GUARD]));
+        self.freed_at
+            .store(Box::leak(leaked).as_ptr() as usize, Ordering::SeqCst);
+    }
+}
+
+/// A thread-local whose destructor writes into the pipe a request reads
+/// from, then waits a little: used first, so destroyed after the buffer,
+/// while the thread still exists (the kernel cancels the io_uring requests
+/// of a thread that has exited, which would hide the write).
+struct Feeder(RefCell<Option<std::fs::File>>);
+
+impl Drop for Feeder {
+    fn drop(&mut self) {
+        if let Some(mut wr) = self.0.borrow_mut().take() {
+            wr.write_all(&[b'X'; LEN]).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// After the thread exited: checks that nothing touched the "freed"
+/// buffer, and that the pipe data the feeder wrote is still unread.
+fn assert_untouched_after_free(freed_at: &AtomicUsize, rd: std::fs::File) {
+    let p = freed_at.load(Ordering::SeqCst);
+    assert_ne!(p, 0, "the thread-local buffer was never destroyed");
+    // SAFETY: the buffer was leaked by `CanaryBuf::drop`, never freed.
+    let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, LEN + 2 * GUARD) };
+    let written = bytes.iter().filter(|&&b| b != FREED).count();
+    assert_eq!(
+        written, 0,
+        "the kernel wrote {written} bytes into the thread-local buffer after it was freed"
+    );
+    set_nonblocking(&rd);
+    let mut back = [0u8; LEN];
+    (&rd)
+        .read_exact(&mut back)
+        .expect("the pipe data was consumed by a request");
+}
+
+fn set_nonblocking(f: &std::fs::File) {
+    let fl = rustix::fs::fcntl_getfl(f).unwrap();
+    rustix::fs::fcntl_setfl(f, fl | rustix::fs::OFlags::NONBLOCK).unwrap();
+}
+
+fn pipe() -> (std::fs::File, std::fs::File) {
+    let (r, w) = rustix::pipe::pipe().unwrap();
+    (std::fs::File::from(r), std::fs::File::from(w))
+}
+
+fn uring_available() -> bool {
+    let ok = AioContext::new().unwrap().linux_io_uring().is_ok();
+    if !ok {
+        println!("SKIP: io_uring unavailable");
+    }
+    ok
+}
+
+/// Hole 4, the review's order: a thread-local whose destructor polls the
+/// context is used first (destroyed last); the engine is set up; the
+/// buffer's thread-local is first used inside the coroutine (destroyed
+/// first). The leaked coroutine's read was queued, never submitted: the
+/// later poll must not submit it into the freed buffer. (Before the fix
+/// the pipe data landed in the freed buffer.)
+#[test]
+fn a_request_queued_at_thread_exit_is_never_submitted() {
+    if !uring_available() {
+        return;
+    }
+    static FREED_AT: AtomicUsize = AtomicUsize::new(0);
+    struct Late(RefCell<Option<AioContext>>);
+    impl Drop for Late {
+        fn drop(&mut self) {
+            if let Some(ctx) = self.0.borrow_mut().take() {
+                ctx.poll(false); // would submit the queued read
+                std::mem::forget(ctx);
+            }
+        }
+    }
+    thread_local! {
+        static FEED: Feeder = const { Feeder(RefCell::new(None)) };
+        static LATE: Late = const { Late(RefCell::new(None)) };
+        static BUF: RefCell<CanaryBuf> = RefCell::new(CanaryBuf::new(&FREED_AT));
+    }
+    let (rd, wr) = pipe();
+    let rd2 = rd.try_clone().unwrap();
+    std::thread::spawn(move || {
+        FEED.with(|f| *f.0.borrow_mut() = Some(wr)); // destroyed last
+        LATE.with(|_| ());
+        let ctx = AioContext::new().unwrap();
+        let ctx2 = ctx.clone();
+        let co = Coroutine::new(move || {
+            let u = ctx2.linux_io_uring().unwrap();
+            BUF.with(|b| u.read_at(rd2.as_fd(), b.borrow_mut().lent(), 0))
+        });
+        co.enter(); // queued (the loop submits at the end of its pass)
+        std::mem::forget(co);
+        LATE.with(|l| *l.0.borrow_mut() = Some(ctx));
+    })
+    .join()
+    .unwrap();
+    assert_untouched_after_free(&FREED_AT, rd);
+}
+
+/// Hole 4, the request already in the kernel at thread exit: the buffer's
+/// thread-local was first used before coroloop's, so coroloop's destructor
+/// runs first and cancels and reaps the request before the buffer goes.
+/// A handle of the context outlives the thread (sent away), so nothing but
+/// the teardown can reap it. (Before the fix the pipe data landed in the
+/// freed buffer.)
+#[test]
+fn a_request_in_the_kernel_at_thread_exit_is_reaped_before_its_buffer_goes() {
+    if !uring_available() {
+        return;
+    }
+    static FREED_AT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static FEED: Feeder = const { Feeder(RefCell::new(None)) };
+        static BUF: RefCell<CanaryBuf> = RefCell::new(CanaryBuf::new(&FREED_AT));
+    }
+    let (rd, wr) = pipe();
+    let rd2 = rd.try_clone().unwrap();
+    let ctx = std::thread::spawn(move || {
+        FEED.with(|f| *f.0.borrow_mut() = Some(wr)); // destroyed last
+        BUF.with(|_| ()); // first used before coroloop's thread-locals
+        let ctx = AioContext::new().unwrap();
+        let ctx2 = ctx.clone();
+        let co = Coroutine::new(move || {
+            let u = ctx2.linux_io_uring().unwrap();
+            BUF.with(|b| u.read_at(rd2.as_fd(), b.borrow_mut().lent(), 0))
+        });
+        co.enter();
+        ctx.poll(false); // submitted: waits in the kernel for pipe data
+        assert_eq!(ctx.linux_io_uring().unwrap().in_flight(), 1);
+        std::mem::forget(co);
+        ctx // outlives the thread
+    })
+    .join()
+    .unwrap();
+    assert_untouched_after_free(&FREED_AT, rd);
+    drop(ctx);
+}
+
+/// Hole 4 on an IoThread, in the order no destructor can close on other
+/// threads: the buffer's thread-local is first used inside the coroutine,
+/// after every coroloop thread-local. The IoThread cancels and reaps its
+/// requests before its thread function returns.
+#[test]
+fn an_iothread_reaps_its_requests_before_its_thread_locals_go() {
+    if !uring_available() {
+        return;
+    }
+    static FREED_AT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static FEED: Feeder = const { Feeder(RefCell::new(None)) };
+        static BUF: RefCell<CanaryBuf> = RefCell::new(CanaryBuf::new(&FREED_AT));
+    }
+    let (rd, wr) = pipe();
+    let rd2 = rd.try_clone().unwrap();
+    let io = IoThread::spawn("teardown-uring").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    io.context().bh_schedule_oneshot(move || {
+        FEED.with(|f| *f.0.borrow_mut() = Some(wr)); // before BUF: destroyed after it
+        let ctx = AioContext::current().unwrap();
+        let co = Coroutine::new(move || {
+            let u = ctx.linux_io_uring().unwrap();
+            BUF.with(|b| u.read_at(rd2.as_fd(), b.borrow_mut().lent(), 0))
+        });
+        co.enter();
+        std::mem::forget(co);
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    io.stop();
+    drop(io);
+    assert_untouched_after_free(&FREED_AT, rd);
+}
+
+/// Hole 4 with Linux AIO and `O_DIRECT`: the read is with the device when
+/// the thread exits; the teardown reaps it before the buffer goes.
+#[test]
+fn a_linux_aio_read_in_flight_at_thread_exit_is_reaped_first() {
+    static FREED_AT: AtomicUsize = AtomicUsize::new(0);
+    static SKIPPED: AtomicBool = AtomicBool::new(false);
+    struct Aligned(Box<[u8]>, usize, &'static AtomicUsize);
+    const BIG: usize = 1 << 20;
+    impl Drop for Aligned {
+        fn drop(&mut self) {
+            let off = self.1;
+            self.0[off..off + BIG].fill(FREED);
+            let leaked = std::mem::take(&mut self.0);
+            self.2
+                .store(Box::leak(leaked)[off..].as_ptr() as usize, Ordering::SeqCst);
+        }
+    }
+    thread_local! {
+        static ABUF: RefCell<Aligned> = RefCell::new({
+            let b = vec![0u8; BIG + 4096].into_boxed_slice();
+            let off = b.as_ptr().align_offset(4096);
+            Aligned(b, off, &FREED_AT)
+        });
+    }
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let path = dir.join(format!("soundness-aio-{}", std::process::id()));
+    std::fs::write(&path, vec![0x5A; BIG]).unwrap();
+    let p2 = path.clone();
+    let ctx = std::thread::spawn(move || {
+        use std::os::unix::fs::OpenOptionsExt;
+        ABUF.with(|_| ()); // first used before coroloop's thread-locals
+        let ctx = AioContext::new().unwrap();
+        let Ok(aio) = ctx.linux_aio() else {
+            SKIPPED.store(true, Ordering::SeqCst);
+            return None;
+        };
+        let _ = aio;
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&p2)
+        else {
+            SKIPPED.store(true, Ordering::SeqCst);
+            return None;
+        };
+        let ctx2 = ctx.clone();
+        let co = Coroutine::new(move || {
+            let aio = ctx2.linux_aio().unwrap();
+            ABUF.with(|b| {
+                let mut b = b.borrow_mut();
+                let off = b.1;
+                aio.read_at(file.as_fd(), &mut b.0[off..off + BIG], 0)
+            })
+        });
+        co.enter();
+        ctx.poll(false); // submitted
+        std::mem::forget(co);
+        Some(ctx)
+    })
+    .join()
+    .unwrap();
+    if SKIPPED.load(Ordering::SeqCst) {
+        println!("SKIP: Linux AIO or O_DIRECT unavailable");
+        let _ = std::fs::remove_file(&path);
+        return;
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let p = FREED_AT.load(Ordering::SeqCst);
+    assert_ne!(p, 0);
+    // SAFETY: leaked by `Aligned::drop`, never freed.
+    let bytes = unsafe { std::slice::from_raw_parts(p as *const u8, BIG) };
+    assert!(
+        bytes.iter().all(|&b| b == FREED),
+        "the device wrote into the buffer after its thread-local was destroyed"
+    );
+    drop(ctx);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// What hole 5's tests share: a thread-local whose destruction is
+/// recorded, and a destructor on the coroutine's stack that reads it.
+struct Data {
+    gone: &'static AtomicBool,
+}
+impl Drop for Data {
+    fn drop(&mut self) {
+        self.gone.store(true, Ordering::SeqCst);
+    }
+}
+struct Reader {
+    gone: &'static AtomicBool,
+    ran: &'static AtomicUsize,
+    on_freed: &'static AtomicUsize,
+}
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.ran.fetch_add(1, Ordering::SeqCst);
+        if self.gone.load(Ordering::SeqCst) {
+            self.on_freed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Hole 5, the review's order: the thread-local holding the coroutine's
+/// last handle is used first (destroyed last); the coroutine suspends
+/// inside another thread-local's `with`, first used after coroloop's. The
+/// drop at teardown must leak the coroutine, not unwind it on the
+/// destroyed thread-local. (Before the fix the unwind read freed memory.)
+#[test]
+fn a_coroutine_dropped_during_thread_teardown_is_leaked_not_unwound() {
+    static GONE: AtomicBool = AtomicBool::new(false);
+    static RAN: AtomicUsize = AtomicUsize::new(0);
+    static ON_FREED: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static HOLD: RefCell<Option<Coroutine>> = const { RefCell::new(None) };
+        static DATA: Data = const { Data { gone: &GONE } };
+    }
+    std::thread::spawn(|| {
+        HOLD.with(|_| ()); // destroyed last
+        let co = Coroutine::new(|| {
+            DATA.with(|_d| {
+                let _r = Reader {
+                    gone: &GONE,
+                    ran: &RAN,
+                    on_freed: &ON_FREED,
+                };
+                coroutine::suspend();
+            })
+        });
+        co.enter();
+        HOLD.with(|h| *h.borrow_mut() = Some(co));
+    })
+    .join()
+    .unwrap();
+    assert!(GONE.load(Ordering::SeqCst));
+    assert_eq!(
+        ON_FREED.load(Ordering::SeqCst),
+        0,
+        "unwound on a destroyed thread-local"
+    );
+    assert_eq!(
+        RAN.load(Ordering::SeqCst),
+        0,
+        "the coroutine was unwound, not leaked"
+    );
+}
+
+/// Hole 5, the other order: the coroutine's thread-local was first used
+/// before coroloop's (so it is destroyed after it): the coroutine dropped
+/// during teardown is leaked all the same.
+#[test]
+fn a_coroutine_dropped_during_teardown_is_leaked_in_either_order() {
+    static GONE: AtomicBool = AtomicBool::new(false);
+    static RAN: AtomicUsize = AtomicUsize::new(0);
+    static ON_FREED: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static HOLD: RefCell<Option<Coroutine>> = const { RefCell::new(None) };
+        static DATA: Data = const { Data { gone: &GONE } };
+    }
+    std::thread::spawn(|| {
+        HOLD.with(|_| ());
+        DATA.with(|_| ()); // before coroloop's
+        let co = Coroutine::new(|| {
+            DATA.with(|_d| {
+                let _r = Reader {
+                    gone: &GONE,
+                    ran: &RAN,
+                    on_freed: &ON_FREED,
+                };
+                coroutine::suspend();
+            })
+        });
+        co.enter();
+        HOLD.with(|h| *h.borrow_mut() = Some(co));
+    })
+    .join()
+    .unwrap();
+    assert_eq!(ON_FREED.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        RAN.load(Ordering::SeqCst),
+        0,
+        "the coroutine was unwound, not leaked"
+    );
+}
+
+/// Hole 5 on an IoThread, in the order no destructor can close on other
+/// threads (coroloop's thread-locals first, then the holder, then the
+/// data): the IoThread marks its teardown before its thread function
+/// returns, so the coroutine is leaked.
+#[test]
+fn an_iothread_leaks_coroutines_dropped_by_its_thread_locals() {
+    static GONE: AtomicBool = AtomicBool::new(false);
+    static RAN: AtomicUsize = AtomicUsize::new(0);
+    static ON_FREED: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static HOLD: RefCell<Option<Coroutine>> = const { RefCell::new(None) };
+        static DATA: Data = const { Data { gone: &GONE } };
+    }
+    let io = IoThread::spawn("teardown-tls").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    io.context().bh_schedule_oneshot(move || {
+        HOLD.with(|_| ()); // after coroloop's: destroyed before them
+        let co = Coroutine::new(|| {
+            DATA.with(|_d| {
+                let _r = Reader {
+                    gone: &GONE,
+                    ran: &RAN,
+                    on_freed: &ON_FREED,
+                };
+                coroutine::suspend();
+            })
+        });
+        co.enter();
+        HOLD.with(|h| *h.borrow_mut() = Some(co));
+        tx.send(()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    io.stop();
+    drop(io);
+    assert_eq!(ON_FREED.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        RAN.load(Ordering::SeqCst),
+        0,
+        "the coroutine was unwound, not leaked"
+    );
+}

@@ -117,18 +117,29 @@ impl IoThreadBuilder {
                         ctx.poll(true);
                     }));
                     if let Err(p) = r {
-                        let msg = p
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| p.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "<non-string panic>".into());
                         log::error!(
-                            "coroloop: IoThread '{}': a callback panicked: {msg}",
-                            std::thread::current().name().unwrap_or("?")
+                            "coroloop: IoThread '{}': a callback panicked: {}",
+                            std::thread::current().name().unwrap_or("?"),
+                            panic_text(&*p)
                         );
                     }
                 }
-                ctx.shutdown();
+                // The thread is the crate's own: before its thread function
+                // returns (and thread-locals start to be destroyed), every
+                // kernel request of its contexts is cancelled and reaped,
+                // and teardown is marked as begun, so that coroutines
+                // dropped by later thread-local destructors are leaked, not
+                // unwound on destroyed thread-locals (soundness holes 4, 5).
+                if let Err(p) =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.shutdown()))
+                {
+                    log::error!(
+                        "coroloop: IoThread '{}': a destructor panicked during shutdown: {}",
+                        std::thread::current().name().unwrap_or("?"),
+                        panic_text(&*p)
+                    );
+                }
+                super::file::teardown_thread_engines();
             })?;
         let ctx = match rx.recv() {
             Ok(Ok(ctx)) => ctx,
@@ -226,4 +237,12 @@ impl Drop for IoThread {
             }
         }
     }
+}
+
+/// The message of a panic payload.
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "<non-string panic>".into())
 }

@@ -79,6 +79,7 @@ mod overflow;
 mod pool;
 mod remote;
 mod stack;
+mod teardown;
 mod wake;
 
 use std::any::Any;
@@ -102,6 +103,7 @@ use pool::{Cancelled, Cmd, Event, Worker};
 
 pub(crate) use current::{pop_loop, push_loop, running_loop};
 pub(crate) use header::{CoReqKind, Resumer};
+pub(crate) use teardown::{begin_thread_teardown, thread_tearing_down};
 pub(crate) use wake::{enter_request, Request};
 
 /// The result type of a handle whose coroutine's result type is not known,
@@ -556,15 +558,26 @@ fn release_owner(h: &Header) {
 }
 
 /// How to get rid of a suspended coroutine nobody owns.
+///
+/// Hole 5 of the soundness review: once the thread's teardown has begun,
+/// the coroutine is leaked instead of unwound. Its stack may borrow a
+/// thread-local (it suspended inside `LocalKey::with`) that std destroyed
+/// earlier in the teardown; unwinding would run its destructors on that
+/// freed memory. See `teardown.rs` for the order that remains.
 fn unwind_cmd(h: &Header) -> Option<Cmd> {
-    if cfg!(panic = "abort") {
-        // SAFETY: home-thread field.
+    let why = if cfg!(panic = "abort") {
+        Some("panic=abort cannot unwind its stack")
+    } else if teardown::thread_tearing_down() {
+        Some(
+            "its thread is exiting, and its stack may borrow thread-locals \
+             that are already destroyed",
+        )
+    } else {
+        None
+    };
+    if let Some(why) = why {
         let name = h.name().unwrap_or("<unnamed>");
-        log::warn!(
-            "coroloop: leaking suspended coroutine '{name}' ({:p}): \
-             panic=abort cannot unwind its stack",
-            h
-        );
+        log::warn!("coroloop: leaking suspended coroutine '{name}' ({h:p}): {why}");
         // The worker (and its mapped stack) is leaked on purpose.
         let _ = h.worker.take();
         h.state.set(State::Finished);

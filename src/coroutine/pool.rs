@@ -208,6 +208,9 @@ struct LocalOwner;
 
 impl Drop for LocalOwner {
     fn drop(&mut self) {
+        // The thread is exiting: from now on suspended coroutines that are
+        // dropped are leaked, not unwound (see `teardown.rs`).
+        super::teardown::begin_thread_teardown();
         let p = LOCAL.with(|l| l.replace(std::ptr::null_mut()));
         if !p.is_null() {
             // SAFETY: `p` came from Box::into_raw in `with_local`, and was

@@ -100,6 +100,9 @@ pub struct LinuxAio {
     events: RefCell<Vec<IoEvent>>,
     waiters: RefCell<Vec<RemoteCoroutine>>,
     dead: Cell<bool>,
+    /// The thread's teardown cancelled and reaped everything: nothing may
+    /// be submitted any more (see `Engines::teardown`).
+    torn_down: Cell<bool>,
     /// The last `io_submit` left requests with the device (`O_DIRECT`):
     /// submit at once instead of plugging (see `IoUring`).
     device_bound: Cell<bool>,
@@ -167,6 +170,7 @@ impl LinuxAio {
             events: RefCell::new(vec![IoEvent::default(); MAX_EVENTS]),
             waiters: RefCell::new(Vec::new()),
             dead: Cell::new(false),
+            torn_down: Cell::new(false),
             device_bound: Cell::new(false),
         })
     }
@@ -351,6 +355,15 @@ impl LinuxAio {
     /// Submits the pending requests, up to the event budget, in one
     /// `io_submit` (or a few, if the kernel takes part of them).
     pub(crate) fn flush(&self) {
+        if self.torn_down.get() {
+            // Engine assertion: after the thread's teardown nothing reaches
+            // the kernel (see `IoUring::flush`).
+            assert!(
+                self.pending.borrow().is_empty(),
+                "coroloop: LinuxAio: a request was queued after thread teardown"
+            );
+            return;
+        }
         let mut ptrs: Vec<*mut Iocb> = Vec::new();
         loop {
             let room = MAX_EVENTS - self.in_flight.get();
@@ -517,6 +530,52 @@ impl LinuxAio {
             *w = waiters;
         }
         progress
+    }
+}
+
+impl LinuxAio {
+    /// The thread is exiting (or its IoThread stopped): fails the requests
+    /// never submitted, cancels those in the kernel and blocks until every
+    /// one is reaped (results stay in their slots, no coroutine is woken),
+    /// then never submits again. Idempotent.
+    pub(crate) fn teardown(&self) {
+        self.dead.set(true);
+        if self.torn_down.replace(true) {
+            return;
+        }
+        let never_sent = std::mem::take(&mut *self.pending.borrow_mut());
+        for idx in never_sent {
+            self.reqs
+                .borrow_mut()
+                .complete(idx, -(libc::ECANCELED as i64));
+            self.release(idx);
+        }
+        // What is left in `iocbs` was submitted and not yet reaped.
+        let submitted: Vec<*mut Iocb> = self
+            .iocbs
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(|cb| cb.as_mut().map(|cb| &mut **cb as *mut Iocb))
+            .collect();
+        for cb in submitted {
+            let mut ev = IoEvent::default();
+            // SAFETY: `cb` is the address a request in flight was submitted
+            // with; the kernel writes at most one event to `ev`. A request
+            // the kernel cannot cancel (most file I/O) is reaped below.
+            let r = unsafe { libc::syscall(libc::SYS_io_cancel, self.ctx_id, cb, &mut ev) };
+            if r == 0 {
+                self.in_flight.set(self.in_flight.get() - 1);
+                let idx = ev.data as usize;
+                self.reqs.borrow_mut().complete(idx, ev.res);
+                self.release(idx);
+            }
+        }
+        let mut ignored = Vec::new();
+        while self.in_flight.get() > 0 {
+            let n = self.getevents(1, true);
+            self.record(n, None, &mut ignored);
+            ignored.clear();
+        }
     }
 }
 

@@ -156,6 +156,81 @@ impl Engines {
             a.set_dead();
         }
     }
+
+    /// Thread teardown: cancel and reap every request, never submit again.
+    pub(crate) fn teardown(&self) {
+        if let Some(u) = self.uring() {
+            u.teardown();
+        }
+        if let Some(a) = self.aio() {
+            a.teardown();
+        }
+    }
+}
+
+/// The contexts of this thread that set up a file engine, for the
+/// thread's teardown (hole 4 of the soundness review).
+///
+/// A request's buffer may live in a thread-local (a coroutine suspended in
+/// `read_at` inside `LocalKey::with`). At thread exit std frees
+/// thread-locals in reverse order of first use; a request submitted after
+/// its buffer's thread-local was destroyed (a later destructor polls the
+/// context), or still in the kernel then, makes the kernel write into freed
+/// memory, which no sanitizer sees. This destructor is registered when the
+/// thread's first engine is set up, so it runs before the destructors of
+/// the thread-locals first used before that, and before those of the
+/// thread-locals whose first use came earlier still: it cancels and reaps
+/// every request of the thread's contexts and stops the engines from
+/// submitting, and marks the thread's teardown as begun. IoThreads run it
+/// before their thread function returns, which closes every order there.
+/// What remains on other threads (a thread-local first used after the
+/// first engine was set up, lent to a request still in the kernel when
+/// that thread-local is destroyed) is stated in the crate docs.
+struct ThreadEngines(RefCell<Vec<std::sync::Weak<super::Inner>>>);
+
+impl Drop for ThreadEngines {
+    fn drop(&mut self) {
+        crate::coroutine::begin_thread_teardown();
+        teardown_list(std::mem::take(self.0.get_mut()));
+    }
+}
+
+thread_local! {
+    static THREAD_ENGINES: ThreadEngines = const { ThreadEngines(RefCell::new(Vec::new())) };
+}
+
+fn teardown_list(list: Vec<std::sync::Weak<super::Inner>>) {
+    for inner in list.iter().filter_map(std::sync::Weak::upgrade) {
+        debug_assert!(inner.is_home());
+        inner.local().engines.teardown();
+    }
+}
+
+/// Records that a context of this thread set up an engine; fails once the
+/// thread's teardown has begun (nothing would reap the requests).
+fn register_engine_context(inner: &std::sync::Arc<super::Inner>) -> io::Result<()> {
+    let exiting = || io::Error::other("the thread is exiting: no file engine can be set up");
+    if crate::coroutine::thread_tearing_down() {
+        return Err(exiting());
+    }
+    THREAD_ENGINES
+        .try_with(|t| {
+            let mut v = t.0.borrow_mut();
+            v.retain(|w| w.strong_count() > 0);
+            v.push(std::sync::Arc::downgrade(inner));
+        })
+        .map_err(|_| exiting())
+}
+
+/// Cancels and reaps every file request of the contexts homed on this
+/// thread and stops their engines for good: the end of an IoThread's
+/// thread function, and what this thread's teardown does.
+pub(crate) fn teardown_thread_engines() {
+    crate::coroutine::begin_thread_teardown();
+    let list = THREAD_ENGINES
+        .try_with(|t| std::mem::take(&mut *t.0.borrow_mut()))
+        .unwrap_or_default();
+    teardown_list(list);
 }
 
 fn cached<T>(
@@ -194,6 +269,7 @@ impl AioContext {
                     "AioContext::linux_io_uring: the context is shut down",
                 ));
             }
+            register_engine_context(&self.inner)?;
             let u = IoUring::new()?;
             // SAFETY: the ring fd lives as long as the engine, which lives
             // in the context's home state until the context is dropped,
@@ -228,6 +304,7 @@ impl AioContext {
                     "AioContext::linux_aio: the context is shut down",
                 ));
             }
+            register_engine_context(&self.inner)?;
             let a = LinuxAio::new()?;
             inner.monitor.add_notifier(a.eventfd(), AIO_KEY)?;
             Ok(a)

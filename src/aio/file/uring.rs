@@ -47,9 +47,15 @@ const CANCEL_TAG: u64 = u64::MAX;
 pub struct IoUring {
     ring: RefCell<io_uring::IoUring>,
     reqs: RefCell<Requests>,
-    /// Entries that found the SQ full, or the CQ budget used up.
+    /// Entries not yet in the SQ: pushed since the last flush, or waiting
+    /// for room in the SQ or the CQ budget. They enter the SQ only in
+    /// `flush`, right before `io_uring_enter`, so an entry that was never
+    /// submitted can always be withdrawn (a cancelled request, thread
+    /// teardown) instead of sitting in the shared ring where the next
+    /// system call would submit it.
     backlog: RefCell<VecDeque<squeue::Entry>>,
-    /// SQEs pushed but not yet submitted.
+    /// SQEs in the SQ but not yet submitted (only after a submission the
+    /// kernel refused for now: `EAGAIN`/`EBUSY`).
     queued: Cell<usize>,
     /// Entries submitted and not yet reaped (cancels included).
     in_flight: Cell<usize>,
@@ -57,6 +63,9 @@ pub struct IoUring {
     /// Reused buffer of the coroutines to wake after a reap.
     waiters: RefCell<Vec<RemoteCoroutine>>,
     dead: Cell<bool>,
+    /// The thread's teardown cancelled and reaped everything: nothing may
+    /// be submitted any more (see `Engines::teardown`).
+    torn_down: Cell<bool>,
     /// The last submission went to the device (not all of it completed
     /// inside `io_uring_enter`): submit at once instead of plugging.
     device_bound: Cell<bool>,
@@ -117,6 +126,7 @@ impl IoUring {
             cq_cap,
             waiters: RefCell::new(Vec::new()),
             dead: Cell::new(false),
+            torn_down: Cell::new(false),
             device_bound: Cell::new(false),
         })
     }
@@ -276,11 +286,7 @@ impl IoUring {
     }
 
     fn push(&self, e: squeue::Entry) {
-        let mut backlog = self.backlog.borrow_mut();
-        if backlog.is_empty() && self.try_push(&e) {
-            return;
-        }
-        backlog.push_back(e);
+        self.backlog.borrow_mut().push_back(e);
     }
 
     /// Pushes into the SQ if there is room there and in the CQ budget.
@@ -302,6 +308,16 @@ impl IoUring {
     /// Hands the queued entries to the kernel (the end of a plugged
     /// section), refilling the SQ from the backlog.
     pub(crate) fn flush(&self) {
+        if self.torn_down.get() {
+            // Engine assertion: after the thread's teardown nothing reaches
+            // the kernel (a request's buffer may be freed thread-local
+            // memory by now). `run` refuses new requests, so nothing waits.
+            assert!(
+                self.backlog.borrow().is_empty() && self.queued.get() == 0,
+                "coroloop: IoUring: a request was queued after thread teardown"
+            );
+            return;
+        }
         loop {
             if self.queued.get() > 0 {
                 let before = self.cq_len();
@@ -340,7 +356,10 @@ impl IoUring {
     /// Whether the loop must not sleep: entries to submit or completions
     /// to reap.
     pub(crate) fn has_work(&self) -> bool {
-        self.queued.get() > 0 || self.has_completions()
+        self.queued.get() > 0
+            || (!self.backlog.borrow().is_empty()
+                && self.in_flight.get() + self.queued.get() < self.cq_cap)
+            || self.has_completions()
     }
 
     fn cq_len(&self) -> usize {
@@ -444,17 +463,44 @@ impl IoUring {
         }
     }
 
-    /// Blocks until every request in flight is reaped (teardown).
+    /// Fails the requests never submitted and blocks until every request
+    /// in the kernel is reaped; their results stay in their slots and no
+    /// coroutine is woken. Entries already in the SQ (a submission the
+    /// kernel refused with `EAGAIN`) cannot be withdrawn from the shared
+    /// ring: they are submitted with the cancel and reaped too.
     fn drain_all(&self) {
-        self.backlog.borrow_mut().clear();
+        let never_sent = std::mem::take(&mut *self.backlog.borrow_mut());
+        {
+            let mut reqs = self.reqs.borrow_mut();
+            for e in never_sent {
+                reqs.complete(e.get_user_data() as usize, -(libc::ECANCELED as i64));
+            }
+        }
+        if self.in_flight.get() + self.queued.get() == 0 {
+            return;
+        }
         let any = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
             .user_data(CANCEL_TAG);
         self.push_cancel(any);
         while self.in_flight.get() + self.queued.get() > 0 {
             self.submit_blocking(1);
-            self.reap(|_, _| {});
+            let mut reqs = self.reqs.borrow_mut();
+            self.reap(|idx, res| {
+                reqs.complete(idx, res);
+            });
         }
+    }
+
+    /// The thread is exiting (or its IoThread stopped): cancel and reap
+    /// everything, then never submit again. Idempotent.
+    pub(crate) fn teardown(&self) {
+        self.dead.set(true);
+        if self.torn_down.replace(true) {
+            return;
+        }
+        self.drain_all();
+        debug_assert_eq!(self.in_flight.get() + self.queued.get(), 0);
     }
 }
 
