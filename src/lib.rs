@@ -130,7 +130,7 @@
 //! | `aio_bh_new` / `aio_bh_schedule_oneshot` | [`aio::AioContext::bh_new`] → [`aio::Bh`] (`Send`), [`bh_new_local`](aio::AioContext::bh_new_local) → [`aio::LocalBh`]; [`bh_schedule_oneshot`](aio::AioContext::bh_schedule_oneshot) |
 //! | `qemu_bh_schedule` / `_cancel` / `_delete` | [`aio::Bh::schedule`] / [`aio::Bh::cancel`] / `drop(bh)` |
 //! | `FDMonOps` (epoll / io_uring fd monitoring) | epoll by default; [`aio::AioContext::builder`]`.fd_monitor(`[`aio::FdMonitorKind::IoUring`]`)` (QEMU's fdmon-io_uring) |
-//! | `aio_set_fd_handler`, `aio_set_fd_poll` | [`aio::AioContext::set_fd_handler`] → [`aio::FdHandler`] (owns the fd), [`set_fd_handler_raw`](aio::AioContext::set_fd_handler_raw) (`unsafe`), [`aio::FdHandler::set_poll`] |
+//! | `aio_set_fd_handler`, `aio_set_fd_poll` | [`aio::AioContext::set_fd_handler`] → [`aio::FdHandler`] (owns the fd), [`set_fd_handler_raw`](aio::AioContext::set_fd_handler_raw) (`unsafe`; gives back only the number, [`aio::RawFdSource`], never a `BorrowedFd`), [`aio::FdHandler::set_poll`] |
 //! | `EventNotifier`, `aio_set_event_notifier` | [`aio::EventNotifier`], [`aio::AioContext::set_event_notifier`] |
 //! | `aio_timer_new`, `timer_mod`, `timer_mod_anticipate`, `timer_del` | [`aio::AioContext::timer_new`] → [`aio::Timer`]: `mod_ns`, `mod_anticipate`, `del`, `expire_time` |
 //! | `QEMUClockType` | [`aio::ClockType`] (`Realtime`, `Host`, `Virtual` advanced by hand) |

@@ -6,7 +6,8 @@
 //! Misuse the type system forbids (a `Coroutine`, a lock guard, a `Timer`,
 //! an `FdHandler` or a `LocalBh` moved to another thread, a coroutine
 //! entered from another thread, a `CoroutineFuture` on a work-stealing
-//! executor) is covered by `compile_fail` doctests next to those types.
+//! executor, a `RawFdSource` used as an `AsFd`) is covered by
+//! `compile_fail` doctests next to those types.
 //!
 
 use std::cell::{Cell, RefCell};
@@ -789,6 +790,77 @@ fn fd_handler_misuse() {
         )
     );
     assert!(!ctx.poll(false), "nothing stayed registered");
+}
+
+/// I/O safety: what a raw registration gives back is only the number. The
+/// old `RawFdSource` was `Copy` and `AsFd`, so after `remove` safe code could
+/// borrow (and dup) whatever file later got the number; that no longer
+/// compiles (`compile_fail` doctests on `RawFdSource`).
+#[test]
+fn a_removed_raw_fd_handler_gives_back_only_the_number() {
+    use std::os::fd::AsRawFd;
+
+    let ctx = AioContext::new().unwrap();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let raw = a.as_raw_fd();
+    let fired = Rc::new(Cell::new(0u32));
+    let f = fired.clone();
+    // SAFETY: `a` stays open until after the handler is removed (and
+    // `_a2` below keeps it open to the end).
+    let h = unsafe {
+        ctx.set_fd_handler_raw(
+            raw,
+            false,
+            Some(Box::new(move || f.set(f.get() + 1))),
+            None,
+            None,
+        )
+    }
+    .unwrap();
+    assert_eq!(h.get_ref().as_raw_fd(), raw);
+    assert_eq!(format!("{h:?}"), format!("FdHandler {{ fd: {raw} }}"));
+    b.write_all(b"x").unwrap();
+    assert!(ctx.poll(false));
+    assert_eq!(fired.get(), 1, "watched while registered");
+
+    let src: coroloop::aio::RawFdSource = h.remove();
+    assert_eq!(src.as_raw_fd(), raw);
+    assert_eq!(src.raw_fd(), raw);
+    assert_eq!(format!("{src:?}"), format!("RawFdSource({raw})"));
+    // No longer watched: the byte is still unread, yet nothing fires.
+    b.write_all(b"y").unwrap();
+    assert!(!ctx.poll(false));
+    assert_eq!(fired.get(), 1, "not watched after remove");
+    // Out of the monitor too: the same fd registers again (no EEXIST).
+    let a2 = Rc::new(a);
+    let _a2 = a2.clone();
+    let h2 = ctx
+        .set_fd_handler(a2, false, Some(Box::new(|| ())), None, None)
+        .unwrap();
+    assert_eq!(h2.get_ref().as_raw_fd(), raw);
+    assert!(ctx.poll(false), "readable: the new handler runs");
+    drop(h2);
+
+    // Panics and errors name the raw call.
+    assert_eq!(
+        // SAFETY: `_a2` keeps the fd open; no handler is made.
+        panic_message(|| unsafe { ctx.set_fd_handler_raw(raw, false, None, None, None) }),
+        "AioContext::set_fd_handler_raw: no callback given (drop the FdHandler to remove one)"
+    );
+    let file = std::fs::File::open("/proc/self/exe").unwrap();
+    // SAFETY: `file` outlives the call, which fails (no handler is made).
+    let err = unsafe {
+        ctx.set_fd_handler_raw(file.as_raw_fd(), false, Some(Box::new(|| ())), None, None)
+    }
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionDenied);
+    assert!(
+        err.to_string().starts_with(&format!(
+            "AioContext::set_fd_handler_raw: cannot watch fd {}: ",
+            file.as_raw_fd()
+        )),
+        "{err}"
+    );
 }
 
 // ---- handles outliving their context ----

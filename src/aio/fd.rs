@@ -78,8 +78,10 @@ impl Handlers {
             if !e.is_external {
                 continue;
             }
-            // SAFETY: the handle owns the fd and keeps it open while the
-            // entry exists.
+            // SAFETY: the entry's `FdHandler` keeps `e.fd` open while the
+            // entry exists (`AioContext::register`'s contract: it owns the
+            // fd for a safe registration, the caller of
+            // `set_fd_handler_raw` promised it for a raw one).
             let fd = unsafe { BorrowedFd::borrow_raw(e.fd) };
             let (r, w) = if off {
                 (false, false)
@@ -261,8 +263,11 @@ impl Drop for Restore<'_> {
 
 /// A registered fd handler (QEMU's `AioHandler`): owns the fd, so it cannot
 /// be closed while the loop watches it. Dropping the handle (or
-/// [`remove`](FdHandler::remove)) unregisters it first. `!Send`: it belongs
-/// to the context's home thread (the fd it gives back may travel):
+/// [`remove`](FdHandler::remove)) unregisters it first. `T` is the value
+/// given to [`AioContext::set_fd_handler`] (an `AsFd` it owns), or a
+/// [`RawFdSource`] (only the number) for
+/// [`set_fd_handler_raw`](AioContext::set_fd_handler_raw). `!Send`: it
+/// belongs to the context's home thread (the fd it gives back may travel):
 ///
 /// ```compile_fail,E0277
 /// use coroloop::aio::AioContext;
@@ -272,8 +277,11 @@ impl Drop for Restore<'_> {
 /// let h = ctx.set_fd_handler(a, false, Some(Box::new(|| ())), None, None).unwrap();
 /// std::thread::spawn(move || drop(h));
 /// ```
-pub struct FdHandler<T: AsFd> {
+pub struct FdHandler<T> {
+    /// What was registered; `None` once removed.
     fd: Option<T>,
+    /// The number watched, kept open by `fd` (or by the raw contract) until
+    /// unregistered.
     raw: RawFd,
     idx: usize,
     gen: u64,
@@ -281,13 +289,16 @@ pub struct FdHandler<T: AsFd> {
     _not_send: PhantomData<*const ()>,
 }
 
-impl<T: AsFd> FdHandler<T> {
-    /// The watched fd.
+impl<T> FdHandler<T> {
+    /// The watched fd (for a raw registration, the [`RawFdSource`]: only
+    /// its number).
     pub fn get_ref(&self) -> &T {
         self.fd.as_ref().expect("present until removed")
     }
 
-    /// Unregisters the handler and gives the fd back.
+    /// Unregisters the handler and gives the fd back (for a raw
+    /// registration, the [`RawFdSource`]: only its number, which the
+    /// caller may close from now on).
     pub fn remove(mut self) -> T {
         self.unregister();
         self.fd.take().expect("present until removed")
@@ -325,7 +336,10 @@ impl<T: AsFd> FdHandler<T> {
                 h.unpollable.set(h.unpollable.get() - 1);
             }
             if e.registered {
-                // SAFETY: we still own the fd (it is closed after this).
+                // SAFETY: `self.raw` is still open: `self.fd` (or, for a raw
+                // registration, the caller of `set_fd_handler_raw`) keeps it
+                // open until the handler is removed, which is now; it may be
+                // closed only after this.
                 let fd = unsafe { BorrowedFd::borrow_raw(self.raw) };
                 let _ = self.ctx.inner.monitor.delete(fd);
             }
@@ -336,7 +350,7 @@ impl<T: AsFd> FdHandler<T> {
     }
 }
 
-impl<T: AsFd> Drop for FdHandler<T> {
+impl<T> Drop for FdHandler<T> {
     fn drop(&mut self) {
         if self.fd.is_some() {
             self.unregister();
@@ -344,21 +358,125 @@ impl<T: AsFd> Drop for FdHandler<T> {
     }
 }
 
-impl<T: AsFd> fmt::Debug for FdHandler<T> {
+impl<T> fmt::Debug for FdHandler<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FdHandler").field("fd", &self.raw).finish()
     }
 }
 
-/// A raw fd wrapper for [`AioContext::set_fd_handler_raw`].
-#[derive(Debug, Clone, Copy)]
+/// The fd number registered by [`AioContext::set_fd_handler_raw`], given
+/// back by [`FdHandler::remove`] (and [`FdHandler::get_ref`]).
+///
+/// It is only a number: it implements [`AsRawFd`] but not [`AsFd`], and is
+/// neither `Copy` nor `Clone`. I/O safety: the raw registration's contract
+/// keeps the fd open only while the handler exists, and a `RawFdSource`
+/// outlives the handler. A [`BorrowedFd`] made from it after `remove` could
+/// name a file that was closed meanwhile and whose number went to another
+/// file, so safe code could read or write that other file (or watch it).
+/// Turning the number back into a `BorrowedFd` takes `unsafe`
+/// ([`BorrowedFd::borrow_raw`]) and the caller's own knowledge that the fd
+/// is open.
+///
+/// ```
+/// use coroloop::aio::AioContext;
+/// use std::os::fd::AsRawFd;
+///
+/// let ctx = AioContext::new()?;
+/// let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+/// // SAFETY: `a` stays open until after the handler is removed.
+/// let h = unsafe {
+///     ctx.set_fd_handler_raw(a.as_raw_fd(), false, Some(Box::new(|| ())), None, None)?
+/// };
+/// let src = h.remove();
+/// assert_eq!(src.as_raw_fd(), a.as_raw_fd());
+/// drop(a); // from here on the number may name any file
+/// # std::io::Result::Ok(())
+/// ```
+///
+/// No `BorrowedFd` from it:
+///
+/// ```compile_fail,E0599
+/// use coroloop::aio::AioContext;
+/// use std::os::fd::{AsFd, AsRawFd};
+///
+/// let ctx = AioContext::new().unwrap();
+/// let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+/// // SAFETY: `a` stays open until after the handler is removed.
+/// let h = unsafe {
+///     ctx.set_fd_handler_raw(a.as_raw_fd(), false, Some(Box::new(|| ())), None, None)
+/// }
+/// .unwrap();
+/// let src = h.remove();
+/// drop(a);
+/// // Would reach whatever file has the number now.
+/// let _dup = src.as_fd().try_clone_to_owned();
+/// ```
+///
+/// nor through an `AsFd` bound:
+///
+/// ```compile_fail,E0277
+/// use coroloop::aio::AioContext;
+/// use std::os::fd::AsRawFd;
+///
+/// let ctx = AioContext::new().unwrap();
+/// let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+/// // SAFETY: `a` stays open until after the handler is removed.
+/// let h = unsafe {
+///     ctx.set_fd_handler_raw(a.as_raw_fd(), false, Some(Box::new(|| ())), None, None)
+/// }
+/// .unwrap();
+/// let src = h.remove();
+/// drop(a);
+/// // A safe registration takes an `AsFd` it owns, not a bare number.
+/// let _h2 = ctx.set_fd_handler(src, false, Some(Box::new(|| ())), None, None);
+/// ```
+///
+/// and it is not `Copy`:
+///
+/// ```compile_fail,E0382
+/// use coroloop::aio::AioContext;
+/// use std::os::fd::AsRawFd;
+///
+/// let ctx = AioContext::new().unwrap();
+/// let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+/// // SAFETY: `a` stays open until after the handler is removed.
+/// let h = unsafe {
+///     ctx.set_fd_handler_raw(a.as_raw_fd(), false, Some(Box::new(|| ())), None, None)
+/// }
+/// .unwrap();
+/// let src = h.remove();
+/// let moved = src;
+/// let _ = (moved.raw_fd(), src.raw_fd());
+/// ```
+///
+/// nor `Clone`:
+///
+/// ```compile_fail,E0599
+/// use coroloop::aio::AioContext;
+/// use std::os::fd::AsRawFd;
+///
+/// let ctx = AioContext::new().unwrap();
+/// let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+/// // SAFETY: `a` stays open until after the handler is removed.
+/// let h = unsafe {
+///     ctx.set_fd_handler_raw(a.as_raw_fd(), false, Some(Box::new(|| ())), None, None)
+/// }
+/// .unwrap();
+/// let _copy = h.get_ref().clone();
+/// ```
+#[derive(Debug)]
 pub struct RawFdSource(RawFd);
 
-impl AsFd for RawFdSource {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: `set_fd_handler_raw`'s caller promised the fd stays open
-        // while the handler exists.
-        unsafe { BorrowedFd::borrow_raw(self.0) }
+impl RawFdSource {
+    /// The fd number (as [`AsRawFd::as_raw_fd`]).
+    pub fn raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl AsRawFd for RawFdSource {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
     }
 }
 
@@ -394,17 +512,100 @@ impl AioContext {
         write: Option<IoHandler>,
         io_poll: Option<IoPollHandler>,
     ) -> io::Result<FdHandler<T>> {
-        self.inner.assert_home("AioContext::set_fd_handler");
+        let raw = fd.as_fd().as_raw_fd();
+        // SAFETY: `raw` is `fd`'s, and `fd` moves into the handler, which
+        // drops it only after unregistering (`'static`: no borrow inside it
+        // can end first, even if the handler is leaked).
+        unsafe {
+            self.register(
+                fd,
+                raw,
+                "AioContext::set_fd_handler",
+                is_external,
+                read,
+                write,
+                io_poll,
+            )
+        }
+    }
+
+    /// As [`set_fd_handler`](Self::set_fd_handler) for a raw fd the caller
+    /// keeps ownership of. The handler holds only the number, as a
+    /// [`RawFdSource`]: [`FdHandler::remove`] gives back that number, never
+    /// a [`BorrowedFd`] (the fd may be closed once the handler is gone).
+    ///
+    /// # Safety
+    ///
+    /// `fd` must be an open file descriptor and stay open (not closed, not
+    /// reused) until the returned handler is dropped or removed: the
+    /// kernel's epoll set would otherwise watch whatever file the number
+    /// refers to next.
+    ///
+    /// # Errors
+    ///
+    /// As `set_fd_handler` (the messages name `set_fd_handler_raw`).
+    ///
+    /// # Panics
+    ///
+    /// As `set_fd_handler`.
+    #[track_caller]
+    pub unsafe fn set_fd_handler_raw(
+        &self,
+        fd: RawFd,
+        is_external: bool,
+        read: Option<IoHandler>,
+        write: Option<IoHandler>,
+        io_poll: Option<IoPollHandler>,
+    ) -> io::Result<FdHandler<RawFdSource>> {
+        // SAFETY: our caller promised that `fd` stays open until the
+        // handler is dropped or removed, which is `register`'s contract.
+        unsafe {
+            self.register(
+                RawFdSource(fd),
+                fd,
+                "AioContext::set_fd_handler_raw",
+                is_external,
+                read,
+                write,
+                io_poll,
+            )
+        }
+    }
+
+    /// Registers `fd` under the number `raw` (both public registrations):
+    /// the handler keeps `fd` until it is removed; `api` names the public
+    /// call in panics and errors.
+    ///
+    /// # Safety
+    ///
+    /// `raw` must be an open fd that stays open (not closed, not reused)
+    /// until the returned handler is removed or dropped, e.g. because `fd`
+    /// owns it.
+    #[track_caller]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn register<T>(
+        &self,
+        fd: T,
+        raw: RawFd,
+        api: &'static str,
+        is_external: bool,
+        read: Option<IoHandler>,
+        write: Option<IoHandler>,
+        io_poll: Option<IoPollHandler>,
+    ) -> io::Result<FdHandler<T>> {
+        self.inner.assert_home(api);
         assert!(
             read.is_some() || write.is_some() || io_poll.is_some(),
-            "AioContext::set_fd_handler: no callback given (drop the FdHandler to remove one)"
+            "{api}: no callback given (drop the FdHandler to remove one)"
         );
-        let raw = fd.as_fd().as_raw_fd();
         if self.inner.is_dead() {
             return Err(io::Error::other(format!(
-                "AioContext::set_fd_handler: cannot watch fd {raw}: the context is shut down"
+                "{api}: cannot watch fd {raw}: the context is shut down"
             )));
         }
+        // SAFETY: `raw` is open and stays open until the handler is
+        // removed (this function's contract).
+        let bfd = unsafe { BorrowedFd::borrow_raw(raw) };
         let h = &self.inner.local().handlers;
         let gen = h.next_gen.get();
         h.next_gen.set(gen.wrapping_add(1) & 0xffff_ffff);
@@ -426,12 +627,12 @@ impl AioContext {
             if let Err(e) = self
                 .inner
                 .monitor
-                .add(fd.as_fd(), key_of(idx, gen), want_r, want_w)
+                .add(bfd, key_of(idx, gen), want_r, want_w)
             {
                 h.table.borrow_mut().remove(idx);
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("AioContext::set_fd_handler: cannot watch fd {raw}: {e}"),
+                    format!("{api}: cannot watch fd {raw}: {e}"),
                 ));
             }
             h.table.borrow_mut()[idx].registered = true;
@@ -440,7 +641,7 @@ impl AioContext {
             if self
                 .inner
                 .monitor
-                .add(fd.as_fd(), key_of(idx, gen), false, false)
+                .add(bfd, key_of(idx, gen), false, false)
                 .is_ok()
             {
                 h.table.borrow_mut()[idx].registered = true;
@@ -458,30 +659,6 @@ impl AioContext {
             ctx: self.clone(),
             _not_send: PhantomData,
         })
-    }
-
-    /// As [`set_fd_handler`](Self::set_fd_handler) for a raw fd the caller
-    /// keeps ownership of.
-    ///
-    /// # Safety
-    ///
-    /// `fd` must be an open file descriptor and stay open (not closed, not
-    /// reused) until the returned handler is dropped or removed: the
-    /// kernel's epoll set would otherwise watch whatever file the number
-    /// refers to next.
-    ///
-    /// # Errors
-    ///
-    /// As `set_fd_handler`.
-    pub unsafe fn set_fd_handler_raw(
-        &self,
-        fd: RawFd,
-        is_external: bool,
-        read: Option<IoHandler>,
-        write: Option<IoHandler>,
-        io_poll: Option<IoPollHandler>,
-    ) -> io::Result<FdHandler<RawFdSource>> {
-        self.set_fd_handler(RawFdSource(fd), is_external, read, write, io_poll)
     }
 
     /// Watches an [`EventNotifier`](super::EventNotifier) (QEMU's
