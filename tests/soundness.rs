@@ -575,3 +575,87 @@ fn an_iothread_leaks_coroutines_dropped_by_its_thread_locals() {
         "the coroutine was unwound, not leaked"
     );
 }
+
+// ---------------------------------------------------------------------
+// Suspension in the middle of a panic.
+
+const CHILD_ENV: &str = "COROLOOP_SOUNDNESS_CHILD";
+
+fn is_child(test: &str) -> bool {
+    std::env::var(CHILD_ENV).as_deref() == Ok(test)
+}
+
+fn run_child(test: &str) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, test)
+        .output()
+        .unwrap()
+}
+
+/// A destructor of a panicking coroutine that tries to suspend is refused
+/// with a message (and, being a panic during unwinding, aborts). Before the
+/// fix the suspension went through and the thread's panic count leaked to
+/// the resumer: `std::thread::panicking()` was true on the main stack.
+#[test]
+fn a_coroutine_cannot_suspend_in_the_middle_of_its_panic() {
+    if is_child("a_coroutine_cannot_suspend_in_the_middle_of_its_panic") {
+        struct WaitsInDrop;
+        impl Drop for WaitsInDrop {
+            fn drop(&mut self) {
+                coroutine::suspend();
+            }
+        }
+        let co = Coroutine::new(|| {
+            let _w = WaitsInDrop;
+            panic!("the coroutine's own panic");
+        });
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| co.enter()));
+        println!(
+            "CHILD: survived; panicking on the main stack: {}",
+            std::thread::panicking()
+        );
+        return;
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let out = run_child("a_coroutine_cannot_suspend_in_the_middle_of_its_panic");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("CHILD: survived"), "stdout: {stdout}");
+    assert_eq!(out.status.signal(), Some(libc::SIGABRT), "stderr: {stderr}");
+    assert!(
+        stderr
+            .contains("coroutine::suspend() called while this coroutine is unwinding from a panic"),
+        "stderr: {stderr}"
+    );
+}
+
+/// A coroutine entered by a destructor that runs during a panic on the
+/// thread's own stack may suspend: the panic in progress is not its own.
+/// Once the panic is caught, nothing on the thread reports panicking.
+#[test]
+fn a_coroutine_entered_during_a_panic_elsewhere_may_suspend() {
+    on_fresh_thread(|| {
+        let co = Coroutine::new(|| {
+            assert!(std::thread::panicking());
+            coroutine::suspend();
+            assert!(!std::thread::panicking());
+            5
+        });
+        struct EntersInDrop(Coroutine<i32>);
+        impl Drop for EntersInDrop {
+            fn drop(&mut self) {
+                self.0.enter();
+            }
+        }
+        let e = EntersInDrop(co.clone());
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _e = e;
+            panic!("a panic on the thread's own stack");
+        }));
+        assert!(r.is_err());
+        assert!(!std::thread::panicking());
+        co.enter();
+        assert_eq!(co.take_result(), Some(5));
+    });
+}

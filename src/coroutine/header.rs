@@ -347,6 +347,9 @@ pub(crate) struct Header {
     pub(crate) own_loop: Cell<*const ()>,
     /// The running loop of whoever resumed this coroutine last.
     pub(crate) base_loop: Cell<*const ()>,
+    /// Whether the thread was already panicking when this coroutine was
+    /// last resumed (then a panic in progress is not necessarily its own).
+    pub(crate) entered_panicking: Cell<bool>,
     /// Bumped whenever the coroutine finishes and whenever the header is
     /// reused; a remote reference carrying an older value is stale.
     pub(crate) generation: AtomicU64,
@@ -392,6 +395,7 @@ impl Header {
             resumer: UnsafeCell::new(None),
             own_loop: Cell::new(ptr::null()),
             base_loop: Cell::new(ptr::null()),
+            entered_panicking: Cell::new(false),
             generation: AtomicU64::new(0),
             remote: RemoteCount::new(),
         });

@@ -426,7 +426,13 @@ impl<T> fmt::Debug for Coroutine<T> {
 /// # Panics
 ///
 /// Panics if called outside a coroutine, or from a destructor running while
-/// the coroutine is being unwound (which aborts).
+/// the coroutine is being unwound, by its cancellation or by its own panic
+/// (a panic in a destructor during unwinding aborts the process, after the
+/// message). std's panic count belongs to the thread, not to the stack: a
+/// coroutine suspended in the middle of a panic would leave
+/// `std::thread::panicking()` true for all other code on the thread. A
+/// coroutine *entered* while the thread was already panicking (from a
+/// destructor on another stack) may suspend.
 #[doc(alias = "qemu_coroutine_yield")]
 #[inline]
 #[track_caller]
@@ -439,6 +445,9 @@ pub fn suspend() {
     let h = unsafe { &*p };
     if h.cancelling.get() {
         raise_cancel();
+    }
+    if std::thread::panicking() && !h.entered_panicking.get() {
+        suspend_while_panicking();
     }
     // SAFETY: the running coroutine's yielder was set when its job started
     // and lives on its worker's stack, which is the stack we are running on.
@@ -467,6 +476,25 @@ fn resumed_with(cmd: Cmd) {
     }
     log::error!("coroloop: suspended coroutine resumed as an idle worker");
     std::process::abort();
+}
+
+/// The coroutine is unwinding from its own panic and a destructor tries to
+/// suspend. std's panic count is per thread, not per stack: suspending
+/// would leave the panic "in progress" for whatever code runs on the
+/// thread until the coroutine is resumed (`std::thread::panicking()` true
+/// there, std mutexes poisoned by guards that merely go out of scope) and
+/// the resumer's own bookkeeping skewed. Stable Rust can neither save nor
+/// restore that count, so the suspension is refused. Being a panic inside
+/// a destructor during unwinding, this aborts the process after printing
+/// the message: loud, never a hang or a silently wrong state.
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn suspend_while_panicking() -> ! {
+    panic!(
+        "coroutine::suspend() called while this coroutine is unwinding from a panic \
+         (a destructor tried to wait); a coroutine cannot suspend in the middle of a panic"
+    )
 }
 
 #[cold]
@@ -697,6 +725,7 @@ fn switch(h: &Header, from: *const Header, cmd: Cmd) -> Event {
     // The running loop is per stack: saved here and restored below, never
     // by a guard on a stack that may stay suspended (see `current.rs`).
     let saved_loop = current::enter_coroutine(h);
+    h.entered_panicking.set(std::thread::panicking());
     // SAFETY: `w` is this coroutine's worker, alive while unfinished, and
     // not on the call chain (the coroutine was Fresh or Suspended).
     let ev = unsafe { Worker::resume(w, cmd) };
