@@ -31,8 +31,9 @@
 //!   context driven from a smol executor; `smol` feature, on by default),
 //!   and [`sync::CoMutex::lock_async`] / [`sync::CoQueue::wait_async`] so
 //!   one lock serves coroutines and tasks.
-//!
-//! Planned: io_uring / Linux AIO file I/O.
+//! * file I/O on the loop: [`aio::CoFile`] over the thread pool, io_uring
+//!   ([`aio::IoUring`]) or Linux AIO ([`aio::LinuxAio`]), QEMU's
+//!   `aio=threads|io_uring|native`.
 //!
 //! # Feature flags
 //!
@@ -196,6 +197,41 @@
 //! io.stop();
 //! # std::io::Result::Ok(())
 //! ```
+//!
+//! # Thread-locals and thread exit
+//!
+//! **Do not hold a thread-local borrow across a suspension**: no
+//! `coroutine::suspend()`, lock, sleep, fd wait, file request or
+//! `await_future` inside a `LocalKey::with` closure, and no buffer lent to
+//! a file request that lives in a thread-local. std destroys a thread's
+//! thread-locals when the thread exits, in reverse order of their first
+//! use, whether or not a suspended coroutine still borrows them.
+//!
+//! coroloop closes what a library can close:
+//!
+//! * once its own thread-local destructor has run (registered when the
+//!   thread first creates a coroutine, and again when it first sets up
+//!   io_uring or Linux AIO), a suspended coroutine whose last handle is
+//!   dropped is leaked with a log line instead of unwound, since its
+//!   destructors could read destroyed thread-locals;
+//! * that destructor cancels and reaps every io_uring and Linux AIO request
+//!   of the thread's contexts before it returns, and nothing is submitted
+//!   afterwards;
+//! * an [`aio::IoThread`] does both before its thread function returns, so
+//!   on IoThreads every order of thread-local destruction is safe.
+//!
+//! What remains, on threads that are not IoThreads, is exactly this: a
+//! thread-local whose **first use came after** coroloop's destructor was
+//! registered is destroyed **before** that destructor runs. If such a
+//! thread-local is borrowed across a suspension by a coroutine that is
+//! still suspended (alive, or leaked with `mem::forget`) when the thread
+//! exits, then (a) a destructor that runs between the two and drops the
+//! coroutine's last handle unwinds it on the destroyed thread-local, and
+//! (b) a file request reading into that thread-local that is in the
+//! kernel then, or that such a destructor submits by polling the context,
+//! may complete into freed memory. No library can see that a
+//! thread is exiting before its own thread-local destructor runs. The rule
+//! above avoids both; so does running such coroutines on an `IoThread`.
 //!
 //! # Platform
 //!

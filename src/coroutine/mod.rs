@@ -38,7 +38,11 @@
 //! its stack run, and its stack goes back to the pool. Code running during
 //! that unwind must not suspend (a second `suspend` re-raises the unwind;
 //! one from a destructor aborts). Under `panic = "abort"` the coroutine
-//! cannot be unwound and is leaked with a log line instead.
+//! cannot be unwound and is leaked with a log line instead; so is a
+//! coroutine dropped once its thread has begun to exit (coroloop's
+//! thread-local destructor has run), because its stack may borrow
+//! thread-locals that are already destroyed (see the crate docs,
+//! "Thread-locals and thread exit").
 //!
 //! A handle dropped while its coroutine runs (for example the coroutine's
 //! only handle cleared from inside it) lets the coroutine continue; it is

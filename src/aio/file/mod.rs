@@ -23,6 +23,18 @@
 //! completion ever writes into freed memory or reaches a coroutine that no
 //! longer exists. The threads engine reads and writes through a buffer of
 //! its own on the worker, so an abandoned request there just finishes.
+//!
+//! # Thread exit
+//!
+//! A coroutine that is leaked (`mem::forget`) or still suspended when its
+//! thread exits never unwinds, so its request is not cancelled that way.
+//! Instead coroloop's thread-local destructor (registered when the thread
+//! first sets up an engine) cancels and reaps every request of the
+//! thread's contexts and stops the engines: nothing is submitted after it
+//! ran. An [`IoThread`](super::IoThread) does this before its thread
+//! function returns. What remains on other threads (a buffer in a
+//! thread-local first used after that registration) is stated in the
+//! crate docs, "Thread-locals and thread exit".
 
 mod linux_aio;
 mod request;

@@ -1,14 +1,17 @@
 //! The io_uring engine (QEMU's `block/io_uring.c`, `aio_setup_linux_io_uring`).
 //!
-//! One ring per context, created on first use. A coroutine pushes an SQE
-//! tagged with its request slot and suspends; requests pushed during one
+//! One ring per context, created on first use. A coroutine queues an SQE
+//! tagged with its request slot and suspends; requests queued during one
 //! loop iteration go to the kernel in one `io_uring_enter` when the
 //! iteration ends (QEMU's plug/unplug) — unless the last submission went
 //! to the device (did not complete inside the call, e.g. `O_DIRECT`): then
 //! each is submitted at once, so the device queue stays staggered instead
-//! of completing and refilling in lockstep. Requests that find the
-//! submission queue full, or would overflow the completion queue, wait in
-//! a backlog. The ring fd sits in the context's fd monitor, so a sleeping
+//! of completing and refilling in lockstep. Entries wait in a backlog of
+//! our own and enter the shared submission queue only right before
+//! `io_uring_enter` (or later, when the SQ is full or the completion queue
+//! budget is used up), so a request never submitted can always be
+//! withdrawn: when its coroutine is unwound, and at thread teardown. The
+//! ring fd sits in the context's fd monitor, so a sleeping
 //! loop wakes on completions; an awake loop reaps them from the mapped
 //! completion queue without a system call (also during busy polling).
 
