@@ -171,6 +171,41 @@ run_valgrind() {
    ...
    fun:*aio_timer*timer_schedule*
 }
+{
+   leaked-on-purpose:soundness(requests at thread exit)
+   Memcheck:Leak
+   match-leak-kinds: definite
+   ...
+   fun:*soundness*a_request_*
+}
+{
+   leaked-on-purpose:soundness(IoThread teardown)
+   Memcheck:Leak
+   match-leak-kinds: definite
+   ...
+   fun:*soundness*an_iothread_*
+}
+{
+   leaked-on-purpose:soundness(Linux AIO at thread exit)
+   Memcheck:Leak
+   match-leak-kinds: definite
+   ...
+   fun:*soundness*a_linux_aio_read_in_flight*
+}
+{
+   leaked-on-purpose:soundness(coroutines dropped during teardown)
+   Memcheck:Leak
+   match-leak-kinds: definite
+   ...
+   fun:*soundness*a_coroutine_dropped_during_*
+}
+{
+   leaked-on-purpose:soundness(canary buffers)
+   Memcheck:Leak
+   match-leak-kinds: definite
+   ...
+   fun:*soundness*CanaryBuf*
+}
 EOF
     echo "== valgrind: building test binaries (target/memcheck-valgrind)"
     local list
@@ -231,6 +266,11 @@ leak:aio_bh::bh_schedule
 leak:aio_bh::bh_cancel
 leak:aio_bh::bh_rescheduled_and_nested_poll_does_not_reenter_it
 leak:aio_timer::timer_schedule
+leak:soundness::a_request_
+leak:soundness::an_iothread_
+leak:soundness::a_linux_aio_read_in_flight_at_thread_exit
+leak:soundness::a_coroutine_dropped_during_
+leak:soundness::CanaryBuf
 EOF
     local target=x86_64-unknown-linux-gnu
     echo "== asan: building test binaries (target/memcheck-asan)"
