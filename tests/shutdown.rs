@@ -8,8 +8,10 @@
 //! off the thread that created it is the bug (leaking one is acceptable).
 
 use std::cell::{Cell, RefCell};
+use std::os::unix::net::UnixStream;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, ThreadId};
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use coroloop::aio::{AioContext, ClockType, Timer};
 use coroloop::coroutine::{self, Coroutine};
 
 mod common;
-use common::on_fresh_thread;
+use common::{on_fresh_thread, payload_message};
 
 /// Where each canary was dropped: its name and whether that was on the
 /// thread that created it.
@@ -61,9 +63,47 @@ impl Drop for Canary {
     }
 }
 
+/// Captures the log lines of this test binary.
+struct Capture(Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", record.level(), record.args()));
+    }
+    fn flush(&self) {}
+}
+
+fn captured_logs() -> &'static Capture {
+    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let c: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
+        log::set_logger(c).expect("the only logger of this test binary");
+        log::set_max_level(log::LevelFilter::Trace);
+        c
+    })
+}
+
+fn logged(line: &str) -> bool {
+    captured_logs().0.lock().unwrap().iter().any(|l| l == line)
+}
+
 /// Drops the last handle of `ctx` on another thread (with a watchdog).
 fn drop_last_handle_elsewhere(ctx: AioContext) {
     on_fresh_thread(move || drop(ctx));
+}
+
+/// Panics when dropped (a destructor that fails during shutdown).
+struct Boom(&'static str);
+impl Drop for Boom {
+    fn drop(&mut self) {
+        panic!("{}", self.0);
+    }
 }
 
 type Slot = Rc<RefCell<Option<Timer>>>;
@@ -109,6 +149,114 @@ fn a_timer_rearmed_by_a_nested_poll_after_shutdown_is_not_dropped_off_thread() {
     // Its handle went while it ran: the node, and the callback, went when
     // the callback returned.
     assert!(drops.dropped("timer A's callback"));
+    drop_last_handle_elsewhere(ctx);
+    assert_eq!(drops.off_thread(), Vec::<&str>::new());
+}
+
+// Hole: shutdown() marked the context dead, then a BH closure's destructor
+// panicked: the timers and fd handlers were never cleared, and the last
+// handle dropped on another thread dropped them there.
+#[test]
+fn shutdown_empties_everything_even_when_a_destructor_panics() {
+    let drops = Drops::default();
+    let ctx = AioContext::new().unwrap();
+    let c = Rc::new(drops.canary("fd handler"));
+    let (a, _b) = UnixStream::pair().unwrap();
+    let h = ctx
+        .set_fd_handler(
+            a,
+            false,
+            Some(Box::new(move || {
+                let _ = &c;
+            })),
+            None,
+            None,
+        )
+        .unwrap();
+    let boom = Boom("boom in a BH closure's destructor");
+    ctx.bh_schedule_oneshot_local(move || drop(boom)); // never runs
+    let c = Rc::new(drops.canary("BH queued after the panicking one"));
+    ctx.bh_schedule_oneshot_local(move || {
+        let _ = &c;
+    });
+    let c = Rc::new(drops.canary("detached coroutine"));
+    Coroutine::new(move || {
+        let _keep = &c;
+        coroutine::suspend();
+    })
+    .tap_enter()
+    .detach();
+    let r = catch_unwind(AssertUnwindSafe(|| ctx.shutdown()));
+    let p = r.expect_err("shutdown resumes the destructor's panic");
+    assert_eq!(payload_message(&*p), "boom in a BH closure's destructor");
+    for name in [
+        "fd handler",
+        "BH queued after the panicking one",
+        "detached coroutine",
+    ] {
+        assert!(drops.dropped(name), "shutdown dropped the {name}");
+    }
+    assert_eq!(ctx.detached_count(), 0);
+    assert!(!ctx.poll(false));
+    drop(h);
+    drop_last_handle_elsewhere(ctx);
+    assert_eq!(drops.off_thread(), Vec::<&str>::new());
+}
+
+// Several destructors panic in several parts of the teardown: the first
+// panic is resumed once everything is cleared (the others are logged).
+#[test]
+fn shutdown_resumes_the_first_panic_after_clearing_the_rest() {
+    captured_logs();
+    let drops = Drops::default();
+    let ctx = AioContext::new().unwrap();
+    let boom = Boom("first: a BH closure");
+    ctx.bh_schedule_oneshot_local(move || drop(boom));
+    let boom = Boom("second: another BH closure");
+    ctx.bh_schedule_oneshot_local(move || drop(boom));
+    let (a, _b) = UnixStream::pair().unwrap();
+    let boom = Boom("third: an fd handler");
+    let c = Rc::new(drops.canary("write handler of the same fd"));
+    let h = ctx
+        .set_fd_handler(
+            a,
+            false,
+            Some(Box::new(move || {
+                let _ = &boom;
+            })),
+            Some(Box::new(move || {
+                let _ = &c;
+            })),
+            None,
+        )
+        .unwrap();
+    let (a, _b) = UnixStream::pair().unwrap();
+    let c = Rc::new(drops.canary("second fd handler"));
+    let h2 = ctx
+        .set_fd_handler(
+            a,
+            false,
+            Some(Box::new(move || {
+                let _ = &c;
+            })),
+            None,
+            None,
+        )
+        .unwrap();
+    let r = catch_unwind(AssertUnwindSafe(|| ctx.shutdown()));
+    let p = r.expect_err("shutdown resumes the first panic");
+    assert_eq!(payload_message(&*p), "first: a BH closure");
+    assert!(drops.dropped("write handler of the same fd"));
+    assert!(drops.dropped("second fd handler"));
+    for other in ["second: another BH closure", "third: an fd handler"] {
+        let line = format!(
+            "ERROR coroloop: AioContext::shutdown: another destructor panicked ({other}); \
+             only the first panic is resumed"
+        );
+        assert!(logged(&line), "{line}");
+    }
+    ctx.shutdown(); // idempotent, and nothing left to panic
+    drop((h, h2));
     drop_last_handle_elsewhere(ctx);
     assert_eq!(drops.off_thread(), Vec::<&str>::new());
 }
@@ -243,5 +391,142 @@ fn no_timer_callback_runs_after_shutdown() {
     for s in [&slot_a, &slot_b] {
         assert!(!s.borrow().as_ref().unwrap().is_pending());
         drop(s.borrow_mut().take());
+    }
+}
+
+// What destructors run by shutdown try to add is refused: the timer they
+// arm, the handler they register, the BH they schedule, the coroutine they
+// detach.
+#[test]
+fn destructors_run_by_shutdown_cannot_add_work() {
+    struct AddsWork {
+        ctx: AioContext,
+        timer: Timer,
+        drops: Drops,
+    }
+    impl Drop for AddsWork {
+        fn drop(&mut self) {
+            self.timer.mod_ns(0);
+            assert!(!self.timer.is_pending());
+            let c = Rc::new(self.drops.canary("late handler"));
+            let (a, _b) = UnixStream::pair().unwrap();
+            assert!(self
+                .ctx
+                .set_fd_handler(
+                    a,
+                    false,
+                    Some(Box::new(move || {
+                        let _ = &c;
+                    })),
+                    None,
+                    None
+                )
+                .is_err());
+            let c = Rc::new(self.drops.canary("late BH"));
+            self.ctx.bh_schedule_oneshot_local(move || {
+                let _ = &c;
+            });
+            let c = Rc::new(self.drops.canary("late coroutine"));
+            let co = Coroutine::new(move || {
+                let _keep = &c;
+                coroutine::suspend();
+            });
+            co.enter();
+            co.detach();
+            assert_eq!(self.ctx.detached_count(), 0);
+        }
+    }
+    let drops = Drops::default();
+    let ctx = AioContext::new().unwrap();
+    let fired = Rc::new(Cell::new(false));
+    let f = fired.clone();
+    let c = drops.canary("late timer's callback");
+    let timer = ctx.timer_new(ClockType::Virtual, move || {
+        let _ = &c;
+        f.set(true);
+    });
+    let adds = AddsWork {
+        ctx: ctx.clone(),
+        timer,
+        drops: drops.clone(),
+    };
+    let (a, _b) = UnixStream::pair().unwrap();
+    let h = ctx
+        .set_fd_handler(
+            a,
+            false,
+            Some(Box::new(move || {
+                let _ = &adds;
+            })),
+            None,
+            None,
+        )
+        .unwrap();
+    ctx.shutdown();
+    for name in [
+        "late handler",
+        "late BH",
+        "late coroutine",
+        "late timer's callback",
+    ] {
+        assert!(drops.dropped(name), "{name} refused and dropped at once");
+    }
+    assert!(!ctx.poll(false));
+    assert!(!fired.get());
+    drop(h);
+    drop_last_handle_elsewhere(ctx);
+    assert_eq!(drops.off_thread(), Vec::<&str>::new());
+}
+
+// A context never shut down whose last handle goes on another thread while
+// its home-thread state still holds a callback (a deleted timer's stale
+// heap entry) leaks that state instead of dropping it there.
+#[test]
+fn last_handle_off_home_leaks_home_state_that_is_not_empty() {
+    captured_logs();
+    let drops = Drops::default();
+    let d = drops.clone();
+    let ctx = on_fresh_thread(move || {
+        let ctx = AioContext::builder().name("leaky").build().unwrap();
+        // Y stays at the top of the heap (its entry goes stale when Y is
+        // dropped, but is not expired), so X's stale entry is never popped.
+        let y = ctx.timer_new(ClockType::Virtual, || ());
+        y.mod_ns(500);
+        let slot: Slot = Default::default();
+        let s = slot.clone();
+        let c = Rc::new(d.canary("deleted timer's callback"));
+        let x = ctx.timer_new(ClockType::Virtual, move || {
+            let _keep = &c;
+            slot_mod(&s, 1_000);
+            drop(s.borrow_mut().take()); // deleted while it runs: keeps its callback
+        });
+        *slot.borrow_mut() = Some(x);
+        slot_mod(&slot, 0);
+        assert!(ctx.poll(false));
+        drop(y);
+        let other = ctx.clone();
+        // Not the last handle: no shutdown.
+        drop(ctx);
+        other
+    });
+    drop(ctx); // the last handle, off the home thread
+    assert_eq!(drops.off_thread(), Vec::<&str>::new());
+    assert!(!drops.dropped("deleted timer's callback"), "leaked");
+    assert!(logged(
+        "WARN coroloop: AioContext Some(\"leaky\") dropped off its home thread without \
+         shutdown; its home-thread state still holds timers: leaked (it cannot be dropped on \
+         this thread)"
+    ));
+}
+
+/// Enters a coroutine and hands it back (for a chain ending in `detach`).
+trait TapEnter {
+    fn tap_enter(self) -> Self;
+}
+
+impl<T> TapEnter for Coroutine<T> {
+    fn tap_enter(self) -> Self {
+        self.enter();
+        self
     }
 }

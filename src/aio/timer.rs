@@ -119,6 +119,12 @@ impl Timers {
         }
     }
 
+    /// Whether no heap entry (live or stale) is left: nothing here holds a
+    /// timer node, hence no callback.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.lists.iter().all(|l| l.heap.borrow().is_empty())
+    }
+
     fn next_seq(&self) -> u64 {
         let s = self.seq.get() + 1;
         self.seq.set(s);
@@ -259,8 +265,10 @@ impl Timers {
     /// Shutdown: disarms every timer, empties the heaps and refuses every
     /// later `arm`, so that no node (and no callback) is left in the
     /// home-thread state, which `Inner::drop` may reach off the home thread.
-    /// A node whose handle is gone drops its callback here.
-    pub(crate) fn clear(&self) {
+    /// The entries are dropped one by one (a node whose handle is gone
+    /// drops its callback here), each destructor's panic caught by
+    /// `panics`.
+    pub(crate) fn clear(&self, panics: &mut super::Panics) {
         self.closed.set(true);
         for l in &self.lists {
             let heap = std::mem::take(&mut *l.heap.borrow_mut());
@@ -271,7 +279,7 @@ impl Timers {
                     e.node.seq.set(self.next_seq());
                 }
                 e.node.refire.set(false);
-                drop(e);
+                panics.catch(|| drop(e));
             }
         }
     }
