@@ -282,6 +282,38 @@ fn timer_del_after_shutdown_does_not_underflow() {
     drop((t, t2));
 }
 
+// Timers deleted by a destructor that shutdown runs while it clears the
+// timers (a callback kept by a stale heap entry owns their handles) are
+// already disarmed: the armed counts stay in step.
+#[test]
+fn timers_deleted_by_a_destructor_run_by_shutdown() {
+    let ctx = AioContext::new().unwrap();
+    let top = ctx.timer_new(ClockType::Virtual, || ()); // keeps Y's entry from the top
+    top.mod_ns(500);
+    let xs: Vec<Timer> = (0..8)
+        .map(|i| {
+            let t = ctx.timer_new(ClockType::Virtual, || unreachable!("fired after shutdown"));
+            t.mod_ns(5_000 + i);
+            t
+        })
+        .collect();
+    let slot: Slot = Default::default();
+    let s = slot.clone();
+    let y = ctx.timer_new(ClockType::Virtual, move || {
+        let _keep = &xs;
+        slot_mod(&s, 1_000);
+        drop(s.borrow_mut().take()); // its stale entry keeps this callback
+    });
+    *slot.borrow_mut() = Some(y);
+    slot_mod(&slot, 0);
+    assert!(ctx.poll(false));
+    ctx.shutdown(); // dropping Y's entry drops the xs
+    assert!(!top.is_pending());
+    top.del();
+    ctx.advance_virtual_clock(10_000);
+    assert!(!ctx.poll(false));
+}
+
 // Defect: a coroutine suspended inside a timer callback (it ran a nested
 // poll) left the callback borrowed; every later pass found the timer busy
 // and re-armed it at `now`, so `poll` never slept again.

@@ -265,22 +265,26 @@ impl Timers {
     /// Shutdown: disarms every timer, empties the heaps and refuses every
     /// later `arm`, so that no node (and no callback) is left in the
     /// home-thread state, which `Inner::drop` may reach off the home thread.
-    /// The entries are dropped one by one (a node whose handle is gone
-    /// drops its callback here), each destructor's panic caught by
-    /// `panics`.
+    /// Every node is disarmed before any entry is dropped: dropping one (a
+    /// node whose handle is gone drops its callback here) may drop the
+    /// handles of other timers, whose `del` must find them disarmed. Each
+    /// destructor's panic is caught by `panics`.
     pub(crate) fn clear(&self, panics: &mut super::Panics) {
         self.closed.set(true);
+        let mut entries = Vec::new();
         for l in &self.lists {
-            let heap = std::mem::take(&mut *l.heap.borrow_mut());
+            entries.extend(std::mem::take(&mut *l.heap.borrow_mut()).into_vec());
             l.armed.set(0);
-            for Reverse(e) in heap.into_vec() {
-                if e.is_live() {
-                    e.node.expire.set(-1);
-                    e.node.seq.set(self.next_seq());
-                }
-                e.node.refire.set(false);
-                panics.catch(|| drop(e));
+        }
+        for Reverse(e) in &entries {
+            if e.is_live() {
+                e.node.expire.set(-1);
+                e.node.seq.set(self.next_seq());
             }
+            e.node.refire.set(false);
+        }
+        for e in entries {
+            panics.catch(|| drop(e));
         }
     }
 }
