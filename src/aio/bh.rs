@@ -424,15 +424,18 @@ pub(crate) fn bh_poll(ctx: &AioContext) -> bool {
 }
 
 /// Unlinks every node at shutdown (home thread); frees those the lists own.
-pub(crate) fn shutdown(ctx: &AioContext) {
-    shutdown_queues(&ctx.inner.bh);
+pub(crate) fn shutdown(ctx: &AioContext, panics: &mut super::Panics) {
+    shutdown_queues(&ctx.inner.bh, panics);
 }
 
-/// As `shutdown`, for a context being dropped on its home thread.
-pub(crate) fn shutdown_queues(q: &BhQueues) {
+/// As `shutdown`, for a context being dropped on its home thread. A
+/// callback's destructor that panics does not stop the others: each free
+/// is caught by `panics`.
+pub(crate) fn shutdown_queues(q: &BhQueues, panics: &mut super::Panics) {
     let mut all = q.remote.take_all();
     all.append(q.local.replace(Chain::EMPTY));
-    for c in q.slices.borrow_mut().drain(..) {
+    let slices = std::mem::take(&mut *q.slices.borrow_mut());
+    for c in slices {
         all.append(c);
     }
     while let Some(n) = all.pop() {
@@ -443,8 +446,10 @@ pub(crate) fn shutdown_queues(q: &BhQueues) {
             if h.running.get() {
                 h.free_after_run.set(true);
             } else {
-                // SAFETY: owned by the lists, unlinked, not running.
-                unsafe { (h.vtable.free)(n) };
+                // SAFETY: owned by the lists, unlinked (popped off `all`,
+                // which no one else reaches), not running; freed once,
+                // whether or not the callback's destructor panics.
+                panics.catch(|| unsafe { (h.vtable.free)(n) });
             }
         }
     }

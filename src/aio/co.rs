@@ -120,22 +120,25 @@ pub(crate) fn run_queue(ctx: &AioContext) -> bool {
             co.local.borrow_mut().pop_front()
         };
         let Some((r, kind)) = req else { continue };
-        progress |= run_one(co, r, kind);
+        progress |= run_one(ctx, r, kind);
     }
     progress
 }
 
-fn run_one(q: &CoQueue, r: RemoteRef, kind: CoReqKind) -> bool {
+fn run_one(ctx: &AioContext, r: RemoteRef, kind: CoReqKind) -> bool {
     // SAFETY: we are on the home thread (poll checked it), which is the
     // coroutine's home thread: its resumer is this context.
     match unsafe { enter_request(r, kind) } {
         Request::Entered => true,
         Request::Stale => false,
-        Request::Busy(r, kind) => {
-            // It will run again when it suspends; keep the request.
-            q.push((r, kind), true);
+        // It will run again when it suspends; keep the request, unless a
+        // coroutine entered meanwhile shut the context down (a shut-down
+        // context queues nothing).
+        Request::Busy(r, kind) if !ctx.inner.is_dead() => {
+            ctx.inner.co.push((r, kind), true);
             false
         }
+        Request::Busy(..) => false,
     }
 }
 

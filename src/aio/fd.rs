@@ -66,6 +66,10 @@ impl Handlers {
         self.table.borrow().is_empty()
     }
 
+    pub(crate) fn len(&self) -> usize {
+        self.table.borrow().len()
+    }
+
     /// Applies the context's external-disable count to the monitor.
     pub(crate) fn sync_external(&self, ctx: &AioContext) {
         let off = ctx.inner.external_disable.load(Ordering::Acquire) > 0;
@@ -222,9 +226,25 @@ impl Handlers {
         true
     }
 
-    pub(crate) fn clear(&self) {
+    /// Shutdown: empties the table, dropping each callback separately so
+    /// that one panicking destructor (caught by `panics`) leaves none of
+    /// the others behind. Nothing is added afterwards: `set_fd_handler`
+    /// refuses a dead context.
+    pub(crate) fn clear(&self, panics: &mut super::Panics) {
         let entries: Vec<Entry> = self.table.borrow_mut().drain().collect();
-        drop(entries);
+        self.unpollable.set(0);
+        for mut e in entries {
+            for f in [
+                e.read.take(),
+                e.write.take(),
+                e.poll_begin.take(),
+                e.poll_end.take(),
+            ] {
+                panics.catch(|| drop(f));
+            }
+            let io_poll = e.io_poll.take();
+            panics.catch(|| drop(io_poll));
+        }
     }
 }
 
@@ -309,6 +329,9 @@ impl<T> FdHandler<T> {
     /// notifications while it is polled.
     #[doc(alias = "aio_set_fd_poll")]
     pub fn set_poll(&self, begin: Option<IoHandler>, end: Option<IoHandler>) {
+        if self.ctx.inner.is_dead() {
+            return; // shut down: the hooks are dropped here
+        }
         let h = &self.ctx.inner.local().handlers;
         let mut t = h.table.borrow_mut();
         if let Some(e) = t.get_mut(self.idx) {

@@ -249,17 +249,99 @@ fn home_violation(api: &str) -> ! {
     panic!("`{api}` called off the context's home thread")
 }
 
+impl Local {
+    /// What the home-thread state still holds that is bound to the home
+    /// thread (callbacks, coroutines, requests of coroutines), or `None` if
+    /// it holds nothing of the kind and may be dropped on any thread.
+    fn leftovers(&self) -> Option<String> {
+        let mut what = Vec::new();
+        let n = self.handlers.len();
+        if n > 0 {
+            what.push(format!("{n} fd handler(s)"));
+        }
+        if !self.timers.is_empty() {
+            what.push("timers".to_string());
+        }
+        let n = self.detached.borrow().len();
+        if n > 0 {
+            what.push(format!("{n} detached coroutine(s)"));
+        }
+        if !self.engines.is_idle() {
+            what.push("file requests".to_string());
+        }
+        (!what.is_empty()).then(|| what.join(", "))
+    }
+}
+
+/// Panics caught while a context is torn down, so that every piece of the
+/// teardown runs even if a destructor panics: the first panic is resumed
+/// by [`finish`](Self::finish), the others are logged.
+pub(crate) struct Panics {
+    what: &'static str,
+    first: Option<Box<dyn std::any::Any + Send>>,
+}
+
+impl Panics {
+    pub(crate) fn new(what: &'static str) -> Panics {
+        Panics { what, first: None }
+    }
+
+    /// Runs `f` (one destructor, or one step that runs destructors),
+    /// keeping its panic.
+    pub(crate) fn catch(&mut self, f: impl FnOnce()) {
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            if self.first.is_none() {
+                self.first = Some(p);
+            } else {
+                log::error!(
+                    "coroloop: {}: another destructor panicked ({}); only the first panic \
+                     is resumed",
+                    self.what,
+                    panic_text(&*p)
+                );
+            }
+        }
+    }
+
+    /// Resumes the first panic caught (logs it instead if the thread is
+    /// already unwinding: a second panic would abort).
+    pub(crate) fn finish(self) {
+        let Some(p) = self.first else { return };
+        if std::thread::panicking() {
+            log::error!(
+                "coroloop: {}: a destructor panicked during a panic ({}); its panic is dropped",
+                self.what,
+                panic_text(&*p)
+            );
+        } else {
+            std::panic::resume_unwind(p);
+        }
+    }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> &str {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s
+    } else {
+        "a non-string payload"
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
+        let home = self.home == thread_serial();
+        let mut panics = Panics::new("dropping an AioContext");
         // Unfinished tasks that wait in no queue: woken, their scheduler
         // finds the context gone and drops them (home-bound ones only on
         // the home thread; elsewhere they are leaked, see below).
-        self.tasks.wake_all_active();
-        if self.home == thread_serial() {
-            self.tasks.clear();
+        self.tasks.wake_all_active(&mut panics);
+        if home {
+            self.tasks.clear(&mut panics);
             // No handle is left (each keeps the context alive): every node
             // still linked is a oneshot or deleted; free them here.
-            bh::shutdown_queues(&self.bh);
+            bh::shutdown_queues(&self.bh, &mut panics);
         } else {
             let n = self.tasks.forget_local();
             if n > 0 {
@@ -271,18 +353,36 @@ impl Drop for Inner {
             }
         }
         let local = self.local.get_mut();
-        if self.home == thread_serial() || self.dead.load(Ordering::Acquire) {
-            // SAFETY: we are on the home thread (or shutdown already emptied
-            // the home-thread state), and this is the last reference.
-            unsafe { ManuallyDrop::drop(local) };
-        } else {
-            log::warn!(
-                "coroloop: AioContext {:?} dropped off its home thread without shutdown; \
-                 its home-thread state (handlers, timers, coroutines) is leaked",
-                self.name
-            );
+        // Off the home thread the state is dropped only if it holds nothing
+        // bound to the home thread, checked here, never inferred from
+        // `dead`: a shutdown is no proof that the state is empty (a timer
+        // re-armed by a nested poll after the shutdown, a shutdown cut
+        // short by a panicking destructor both left callbacks behind, and
+        // this drop ran their destructors, `Rc`s included, on the wrong
+        // thread). Whatever is left is leaked instead.
+        let leftovers = if home { None } else { local.leftovers() };
+        match leftovers {
+            None => panics.catch(|| {
+                // SAFETY: this is the last reference, and either we are on
+                // the home thread or the state holds no home-bound value
+                // (`leftovers` found no handler, timer entry, detached
+                // coroutine or file request), so nothing thread-bound is
+                // dropped here.
+                unsafe { ManuallyDrop::drop(local) }
+            }),
+            Some(what) => log::warn!(
+                "coroloop: AioContext {:?} dropped off its home thread{}; its home-thread \
+                 state still holds {what}: leaked (it cannot be dropped on this thread)",
+                self.name,
+                if self.dead.load(Ordering::Acquire) {
+                    ""
+                } else {
+                    " without shutdown"
+                }
+            ),
         }
         bh::free_remote(&self.bh);
+        panics.finish();
     }
 }
 
@@ -772,7 +872,9 @@ impl AioContext {
     ///
     /// # Panics
     ///
-    /// Off the home thread.
+    /// Off the home thread; and with the panic of a destructor it ran (a
+    /// callback's captures, a coroutine's unwinding), once everything is
+    /// torn down: the first such panic is resumed, later ones are logged.
     #[track_caller]
     pub fn shutdown(&self) {
         self.inner.assert_home("AioContext::shutdown");
@@ -780,6 +882,14 @@ impl AioContext {
             return;
         }
         let local = self.inner.local();
+        // Every step runs, and each destructor inside a step, even if a
+        // destructor panics: `dead` is set before the state is emptied, and
+        // a shutdown cut short by a panic used to leave callbacks in the
+        // home-thread state (later dropped off the home thread by the last
+        // handle). Panics are caught one by one and the first is resumed at
+        // the end. Once `dead` is set nothing can be added back: every way
+        // in refuses a dead context (`Timers` is closed by `clear`).
+        let mut panics = Panics::new("AioContext::shutdown");
         // Coroutines first: their unwinding may still use the context.
         loop {
             let owned: Vec<_> = local
@@ -791,22 +901,34 @@ impl AioContext {
             if owned.is_empty() {
                 break;
             }
-            drop(owned);
+            for co in owned {
+                panics.catch(|| drop(co));
+            }
         }
         self.inner.dead.store(true, Ordering::Release);
         local.engines.shutdown();
-        bh::shutdown(self);
-        local.timers.clear();
-        local.handlers.clear();
+        bh::shutdown(self, &mut panics);
+        local.timers.clear(&mut panics);
+        local.handlers.clear(&mut panics);
         // Handlers dropped from now on no longer unregister: the monitor
         // lets go of their fds here (io_uring's poll requests hold them).
         self.inner.monitor.shutdown();
         co::clear_queue(self);
         // Queued tasks are dropped, and waiting ones woken so that their
         // scheduler (which sees the context dead) drops them too.
-        self.inner.tasks.clear();
-        self.inner.tasks.wake_all_active();
-        self.inner.tasks.clear();
+        self.inner.tasks.clear(&mut panics);
+        self.inner.tasks.wake_all_active(&mut panics);
+        self.inner.tasks.clear(&mut panics);
+        // (File requests may remain: those of coroutines the context does
+        // not own, which cancel and reap them when they are unwound.)
+        debug_assert!(
+            local.handlers.is_empty()
+                && local.timers.is_empty()
+                && local.detached.borrow().is_empty(),
+            "AioContext::shutdown left home-thread state behind: {:?}",
+            local.leftovers()
+        );
+        panics.finish();
     }
 }
 

@@ -48,13 +48,15 @@ impl TaskQueues {
 
     /// Wakes every unfinished task, so that a dead or dropped context's
     /// scheduler drops it (its future with it: coroutines are unwound).
-    pub(crate) fn wake_all_active(&self) {
+    /// A waker's scheduler may drop the task's future there: each wake's
+    /// panic is caught by `panics`.
+    pub(crate) fn wake_all_active(&self, panics: &mut super::Panics) {
         let wakers: Vec<Waker> = {
             let mut a = self.active.lock().unwrap_or_else(|e| e.into_inner());
             a.tasks.drain().map(|(_, w)| w).collect()
         };
         for w in wakers {
-            w.wake();
+            panics.catch(|| w.wake());
         }
     }
 
@@ -62,13 +64,14 @@ impl TaskQueues {
         self.send.is_empty() && self.local.is_empty()
     }
 
-    /// Home thread: drops every queued task (cancelling it).
-    pub(crate) fn clear(&self) {
+    /// Home thread: drops every queued task (cancelling it), each future's
+    /// panicking destructor caught by `panics`.
+    pub(crate) fn clear(&self, panics: &mut super::Panics) {
         while let Ok(r) = self.send.pop() {
-            drop(r);
+            panics.catch(|| drop(r));
         }
         while let Ok(r) = self.local.pop() {
-            drop(r);
+            panics.catch(|| drop(r));
         }
     }
 

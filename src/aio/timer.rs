@@ -60,6 +60,10 @@ pub(crate) struct TimerNode {
     expire: Cell<i64>,
     /// Bumped on every mod/del: heap entries with an older value are stale.
     seq: Cell<u64>,
+    /// The timer expired while its callback was running (a nested `poll`
+    /// inside it, or a coroutine suspended inside it): it fires again once
+    /// the callback returns, unless it is re-armed or deleted before.
+    refire: Cell<bool>,
     cb: RefCell<Box<dyn FnMut()>>,
 }
 
@@ -102,6 +106,8 @@ pub(crate) struct TimerList {
 pub(crate) struct Timers {
     lists: [TimerList; 3],
     seq: Cell<u64>,
+    /// Set by `clear` (the context shut down): nothing is armed any more.
+    closed: Cell<bool>,
 }
 
 impl Timers {
@@ -109,7 +115,14 @@ impl Timers {
         Timers {
             lists: Default::default(),
             seq: Cell::new(0),
+            closed: Cell::new(false),
         }
+    }
+
+    /// Whether no heap entry (live or stale) is left: nothing here holds a
+    /// timer node, hence no callback.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.lists.iter().all(|l| l.heap.borrow().is_empty())
     }
 
     fn next_seq(&self) -> u64 {
@@ -119,6 +132,11 @@ impl Timers {
     }
 
     fn arm(&self, node: &Rc<TimerNode>, expire: i64) {
+        if self.closed.get() {
+            // Shut down: an entry added now would hold the callback in the
+            // home-thread state after `clear` emptied it (see `clear`).
+            return;
+        }
         let list = &self.lists[index(node.clock)];
         if node.expire.get() < 0 {
             list.armed.set(list.armed.get() + 1);
@@ -138,10 +156,14 @@ impl Timers {
         }
     }
 
+    /// Disarms `node`, and drops a pending re-fire (a mod or a del
+    /// replaces the expiry the running callback missed).
     fn disarm(&self, node: &TimerNode) {
+        node.refire.set(false);
         if node.expire.get() >= 0 {
             let list = &self.lists[index(node.clock)];
-            list.armed.set(list.armed.get() - 1);
+            debug_assert!(list.armed.get() > 0, "armed timer count out of step");
+            list.armed.set(list.armed.get().saturating_sub(1));
             node.expire.set(-1);
             node.seq.set(self.next_seq());
         }
@@ -177,15 +199,33 @@ impl Timers {
     }
 
     /// Runs expired timers; returns whether any ran.
+    ///
+    /// A timer that expires while its callback is running (a nested `poll`
+    /// inside the callback, or a coroutine suspended inside it) is not run
+    /// again re-entrantly; it is marked `refire` and armed again when its
+    /// callback returns, after the pass that ran that callback. It is not
+    /// re-armed at `now` meanwhile: the callback may stay suspended for
+    /// long, and a timer always due would keep `poll` from sleeping.
     pub(crate) fn run(&self, ctx: &AioContext) -> bool {
         let mut progress = false;
         for c in CLOCKS {
+            if self.closed.get() {
+                break; // a callback shut the context down: nothing runs
+            }
             if self.lists[index(c)].armed.get() == 0 {
                 continue;
             }
             let now = ctx.clock_ns(c);
-            let mut busy = Vec::new();
+            // Armed on drop, also if a callback unwinds out of this pass.
+            let mut refire = Refire {
+                timers: self,
+                now,
+                nodes: Vec::new(),
+            };
             loop {
+                if self.closed.get() {
+                    break;
+                }
                 let node = {
                     let mut heap = self.lists[index(c)].heap.borrow_mut();
                     match heap.peek() {
@@ -201,40 +241,98 @@ impl Timers {
                 };
                 let Some(node) = node else { break };
                 self.disarm(&node);
-                // A timer firing again inside its own callback (a nested
-                // poll) is re-armed for the next pass instead.
-                let ran = match node.cb.try_borrow_mut() {
+                match node.cb.try_borrow_mut() {
                     Ok(mut cb) => {
+                        progress = true;
+                        // If the timer expired again while `cb` ran, it is
+                        // queued for re-arming when `cb` returns or unwinds.
+                        let _returned = Returned {
+                            node: &node,
+                            refire: &mut refire.nodes,
+                        };
                         cb();
-                        true
                     }
-                    Err(_) => false,
+                    // Its callback is running further up this thread's
+                    // stack (or on a suspended coroutine's): fire again
+                    // when it returns.
+                    Err(_) => node.refire.set(true),
                 };
-                if ran {
-                    progress = true;
-                } else {
-                    busy.push(node);
-                }
-            }
-            for node in busy {
-                if node.expire.get() < 0 {
-                    self.arm(&node, now);
-                }
             }
         }
         progress
     }
 
-    pub(crate) fn clear(&self) {
+    /// Shutdown: disarms every timer, empties the heaps and refuses every
+    /// later `arm`, so that no node (and no callback) is left in the
+    /// home-thread state, which `Inner::drop` may reach off the home thread.
+    /// Every node is disarmed before any entry is dropped: dropping one (a
+    /// node whose handle is gone drops its callback here) may drop the
+    /// handles of other timers, whose `del` must find them disarmed. Each
+    /// destructor's panic is caught by `panics`.
+    pub(crate) fn clear(&self, panics: &mut super::Panics) {
+        self.closed.set(true);
+        let mut entries = Vec::new();
         for l in &self.lists {
-            l.heap.borrow_mut().clear();
+            entries.extend(std::mem::take(&mut *l.heap.borrow_mut()).into_vec());
             l.armed.set(0);
+        }
+        for Reverse(e) in &entries {
+            if e.is_live() {
+                e.node.expire.set(-1);
+                e.node.seq.set(self.next_seq());
+            }
+            e.node.refire.set(false);
+        }
+        for e in entries {
+            panics.catch(|| drop(e));
+        }
+    }
+}
+
+/// Timers whose callback returned (or unwound) after they expired again
+/// meanwhile; armed at `now` when the pass that ran them ends.
+struct Refire<'a> {
+    timers: &'a Timers,
+    now: i64,
+    nodes: Vec<Rc<TimerNode>>,
+}
+
+impl Drop for Refire<'_> {
+    fn drop(&mut self) {
+        for node in self.nodes.drain(..) {
+            // Not if re-armed or deleted since (`disarm` clears `refire`),
+            // nor on a closed `Timers` (`arm` refuses).
+            if node.refire.replace(false) && node.expire.get() < 0 {
+                self.timers.arm(&node, self.now);
+            }
+        }
+    }
+}
+
+/// Queues a timer whose callback returns or unwinds for its re-fire, if it
+/// expired while the callback ran.
+struct Returned<'a> {
+    node: &'a Rc<TimerNode>,
+    refire: &'a mut Vec<Rc<TimerNode>>,
+}
+
+impl Drop for Returned<'_> {
+    fn drop(&mut self) {
+        if self.node.refire.get() {
+            self.refire.push(self.node.clone());
         }
     }
 }
 
 /// A timer on a context (QEMU's `QEMUTimer`): runs its callback on the
 /// home thread once its deadline passes. `!Send`; dropping it deletes it.
+///
+/// A callback is never re-entered: if the timer expires again while its
+/// callback runs (the callback re-armed it and polls the context, or a
+/// coroutine suspended inside it), it fires once more when the callback
+/// returns, unless it is re-armed or deleted before. Meanwhile it is not
+/// [pending](Self::is_pending). After [`AioContext::shutdown`] a timer is
+/// disarmed and cannot be armed again.
 ///
 /// Its callback need not be `Send`, so the timer stays on the home thread:
 ///
@@ -301,7 +399,8 @@ impl Timer {
         }
     }
 
-    /// Disarms the timer.
+    /// Disarms the timer (also an expiry missed while its callback was
+    /// running, which would otherwise fire when the callback returns).
     #[doc(alias = "timer_del")]
     pub fn del(&self) {
         self.ctx.inner.timers().disarm(&self.node);
@@ -328,9 +427,9 @@ impl Timer {
 
 impl Drop for Timer {
     fn drop(&mut self) {
-        if !self.ctx.inner.is_dead() {
-            self.del();
-        }
+        // After shutdown too: shutdown disarmed the node, and a re-fire
+        // pending since is dropped with the handle.
+        self.del();
         // Stale heap entries may keep the node a while (lazy deletion);
         // drop the callback and what it owns now. A callback that drops its
         // own timer is running (borrowed): it goes with the node instead.
@@ -369,6 +468,7 @@ impl AioContext {
                 clock,
                 expire: Cell::new(-1),
                 seq: Cell::new(0),
+                refire: Cell::new(false),
                 cb: RefCell::new(Box::new(f)),
             }),
             ctx: self.clone(),

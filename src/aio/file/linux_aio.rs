@@ -444,6 +444,15 @@ impl LinuxAio {
         self.in_flight.get() > 0 && self.ring_len() > 0
     }
 
+    /// No request anywhere: not pending, in the kernel, nor waiting to be
+    /// taken by its coroutine.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_flight.get() == 0
+            && self.pending.borrow().is_empty()
+            && self.reqs.borrow().is_empty()
+            && self.waiters.borrow().is_empty()
+    }
+
     pub(crate) fn has_work(&self) -> bool {
         self.has_pending() || self.has_completions() || !self.waiters.borrow().is_empty()
     }

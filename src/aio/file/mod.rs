@@ -156,6 +156,12 @@ impl Engines {
         progress
     }
 
+    /// Whether no request is queued, in flight or waiting to be taken (no
+    /// coroutine of the home thread has anything here).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.uring().map_or(true, IoUring::is_idle) && self.aio().map_or(true, LinuxAio::is_idle)
+    }
+
     pub(crate) fn is_key(key: u64) -> bool {
         key == URING_KEY || key == AIO_KEY
     }

@@ -61,6 +61,10 @@ impl Requests {
         self.slab.get(idx).is_some_and(|s| s.result.is_some())
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slab.is_empty()
+    }
+
     pub(crate) fn remove(&mut self, idx: usize) {
         self.slab.try_remove(idx);
     }

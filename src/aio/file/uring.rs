@@ -356,6 +356,16 @@ impl IoUring {
         }
     }
 
+    /// No request anywhere: not in the backlog, the SQ, the kernel, nor
+    /// waiting to be taken by its coroutine.
+    pub(crate) fn is_idle(&self) -> bool {
+        self.in_flight.get() == 0
+            && self.queued.get() == 0
+            && self.backlog.borrow().is_empty()
+            && self.reqs.borrow().is_empty()
+            && self.waiters.borrow().is_empty()
+    }
+
     /// Whether the loop must not sleep: entries to submit or completions
     /// to reap.
     pub(crate) fn has_work(&self) -> bool {
