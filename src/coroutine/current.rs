@@ -11,12 +11,13 @@
 //!   would stay on the suspended stack and later restore a value that
 //!   belongs to another call chain, possibly a freed context. Instead each
 //!   stack keeps its own innermost loop (`Header::own_loop` for a
-//!   coroutine, the thread-local itself for the thread's own stack), and
-//!   [`switch`](super) saves the thread's value before resuming a
-//!   coroutine and restores it when the coroutine suspends or finishes.
-//!   What a `poll` on a coroutine's stack restores when it returns is that
-//!   stack's own previous loop, or, if it was the outermost one there, the
-//!   loop of whoever resumed the coroutine *this time* (`Header::base_loop`).
+//!   coroutine, `BASE_LOOP` for the thread's own stack), a guard only
+//!   restores its own stack's slot, and the running loop is found by
+//!   walking the call chain from the running coroutine through the
+//!   coroutines that entered it (`Header::caller`, set at every switch)
+//!   down to the thread's stack. The chain is exactly the set of stacks
+//!   whose frames are live and blocked beneath the running code, so every
+//!   pointer found that way names a live `poll` frame.
 
 use std::cell::Cell;
 use std::ptr;
@@ -25,8 +26,9 @@ use super::header::Header;
 
 thread_local! {
     static CURRENT: Cell<*const Header> = const { Cell::new(ptr::null()) };
-    /// The innermost running loop of the current call chain, or null.
-    static LOOP: Cell<*const ()> = const { Cell::new(ptr::null()) };
+    /// The innermost running loop of the thread's own stack (outside
+    /// every coroutine), or null.
+    static BASE_LOOP: Cell<*const ()> = const { Cell::new(ptr::null()) };
 }
 
 /// The header of the coroutine running on this thread, or null.
@@ -46,36 +48,25 @@ pub(crate) fn current_ptr_signal_safe() -> *const Header {
     CURRENT.try_with(Cell::get).unwrap_or(ptr::null())
 }
 
-/// Before switching into `h`: records the resumer's loop as the
-/// coroutine's base and makes the coroutine's own innermost loop (if any)
-/// the thread's. Returns the value to give back to [`leave_coroutine`].
-#[inline(always)]
-pub(crate) fn enter_coroutine(h: &Header) -> *const () {
-    LOOP.with(|l| {
-        let saved = l.get();
-        h.base_loop.set(saved);
-        let own = h.own_loop.get();
-        if !own.is_null() {
-            l.set(own);
-        }
-        saved
-    })
-}
-
-/// After `h` suspended or finished: the resumer's loop again.
-#[inline(always)]
-pub(crate) fn leave_coroutine(saved: *const ()) {
-    LOOP.with(|l| l.set(saved));
-}
-
 /// The innermost running loop of the current call chain (null if none).
 ///
-/// The pointer is valid while the caller runs: it belongs to a `poll`
-/// frame on the current stack, or to one of the stacks beneath it on the
-/// call chain (blocked in a switch until this chain returns).
-#[inline]
+/// The pointer is valid while the caller runs: it was pushed by a `poll`
+/// frame on the running stack or on one of the stacks of the call chain
+/// beneath it (each blocked in a switch until this chain returns).
 pub(crate) fn running_loop() -> *const () {
-    LOOP.with(Cell::get)
+    let mut c = current_ptr();
+    while !c.is_null() {
+        // SAFETY: `c` is the running coroutine or one of its callers: each
+        // is on the call chain (state Running), kept alive by the enter
+        // loop that runs it, and `caller` was set when it was last entered.
+        let h = unsafe { &*c };
+        let own = h.own_loop.get();
+        if !own.is_null() {
+            return own;
+        }
+        c = h.caller.get();
+    }
+    BASE_LOOP.with(Cell::get)
 }
 
 /// Marks `lp` as the innermost running loop of the current stack. Returns
@@ -84,33 +75,26 @@ pub(crate) fn running_loop() -> *const () {
 #[inline]
 pub(crate) fn push_loop(lp: *const ()) -> *const () {
     let cur = current_ptr();
-    let prev = if cur.is_null() {
-        LOOP.with(|l| l.get())
+    if cur.is_null() {
+        BASE_LOOP.with(|l| l.replace(lp))
     } else {
         // SAFETY: the running coroutine's header is alive while it runs.
         unsafe { &*cur }.own_loop.replace(lp)
-    };
-    LOOP.with(|l| l.set(lp));
-    prev
+    }
 }
 
-/// Undoes the matching [`push_loop`] on the same stack.
+/// Undoes the matching [`push_loop`] on the same stack: restores that
+/// stack's previous innermost loop (an outer `poll` of the same stack, or
+/// null), which is valid whenever this stack runs again.
 #[inline]
 pub(crate) fn pop_loop(prev: *const ()) {
     let cur = current_ptr();
-    let now = if cur.is_null() {
-        prev
+    if cur.is_null() {
+        BASE_LOOP.with(|l| l.set(prev));
     } else {
         // SAFETY: the running coroutine's header is alive while it runs;
         // it is the coroutine that called `push_loop` (code on a
         // coroutine's stack only runs while that coroutine is current).
-        let h = unsafe { &*cur };
-        h.own_loop.set(prev);
-        if prev.is_null() {
-            h.base_loop.get()
-        } else {
-            prev
-        }
-    };
-    LOOP.with(|l| l.set(now));
+        unsafe { &*cur }.own_loop.set(prev);
+    }
 }

@@ -345,8 +345,9 @@ pub(crate) struct Header {
     /// The innermost event loop whose `poll` runs on this coroutine's own
     /// stack (null if none); see `current.rs`.
     pub(crate) own_loop: Cell<*const ()>,
-    /// The running loop of whoever resumed this coroutine last.
-    pub(crate) base_loop: Cell<*const ()>,
+    /// The coroutine that entered this one last (null: the thread's own
+    /// stack); meaningful while this one is on the call chain.
+    pub(crate) caller: Cell<*const Header>,
     /// Whether the thread was already panicking when this coroutine was
     /// last resumed (then a panic in progress is not necessarily its own).
     pub(crate) entered_panicking: Cell<bool>,
@@ -394,7 +395,7 @@ impl Header {
             overflow_msg: UnsafeCell::new(None),
             resumer: UnsafeCell::new(None),
             own_loop: Cell::new(ptr::null()),
-            base_loop: Cell::new(ptr::null()),
+            caller: Cell::new(ptr::null()),
             entered_panicking: Cell::new(false),
             generation: AtomicU64::new(0),
             remote: RemoteCount::new(),

@@ -725,15 +725,15 @@ fn switch(h: &Header, from: *const Header, cmd: Cmd) -> Event {
         None => unreachable!("coroloop: entering a coroutine without a worker"),
     };
     h.state.set(State::Running);
-    current::set_current(h);
-    // The running loop is per stack: saved here and restored below, never
-    // by a guard on a stack that may stay suspended (see `current.rs`).
-    let saved_loop = current::enter_coroutine(h);
+    // The call chain, which `current::running_loop` walks: per-stack state
+    // is found through it, never restored by a guard on a stack that may
+    // stay suspended (see `current.rs`).
+    h.caller.set(from);
     h.entered_panicking.set(std::thread::panicking());
+    current::set_current(h);
     // SAFETY: `w` is this coroutine's worker, alive while unfinished, and
     // not on the call chain (the coroutine was Fresh or Suspended).
     let ev = unsafe { Worker::resume(w, cmd) };
-    current::leave_coroutine(saved_loop);
     current::set_current(from);
     if ev == Event::Suspended {
         h.state.set(State::Suspended);
