@@ -944,8 +944,9 @@ pub(crate) fn running_inner() -> *const Inner {
 /// This guard may sit on a coroutine's stack while the coroutine is
 /// suspended (a callback of this `poll` suspended it). That is why it does
 /// not restore a thread-wide value it saved: it restores the previous loop
-/// *of its own stack*, and the thread-wide value is switched with the
-/// coroutine (see `coroutine/current.rs`). Hole 1 of the soundness review:
+/// *of its own stack*, and the running loop of the thread is found by
+/// walking the current call chain (see `coroutine/current.rs`). Hole 1 of
+/// the soundness review:
 /// a guard that saved and restored the thread's value put back, after a
 /// later resumption, a context that had been freed meanwhile.
 struct RunningGuard {
