@@ -206,6 +206,20 @@ run_valgrind() {
    ...
    fun:*soundness*CanaryBuf*
 }
+{
+   leaked-on-purpose:soundness(coroutines not resumed during teardown)
+   Memcheck:Leak
+   match-leak-kinds: definite
+   ...
+   fun:*soundness*a_suspended_coroutine_is_not_resumed_during_teardown*
+}
+{
+   leaked-on-purpose:shutdown(home state left to a last handle dropped off the home thread)
+   Memcheck:Leak
+   match-leak-kinds: definite
+   ...
+   fun:*shutdown*last_handle_off_home_leaks_home_state_that_is_not_empty*
+}
 EOF
     echo "== valgrind: building test binaries (target/memcheck-valgrind)"
     local list
@@ -271,6 +285,8 @@ leak:soundness::an_iothread_
 leak:soundness::a_linux_aio_read_in_flight_at_thread_exit
 leak:soundness::a_coroutine_dropped_during_
 leak:soundness::CanaryBuf
+leak:soundness::a_suspended_coroutine_is_not_resumed_during_teardown
+leak:shutdown::last_handle_off_home_leaks_home_state_that_is_not_empty
 EOF
     local target=x86_64-unknown-linux-gnu
     echo "== asan: building test binaries (target/memcheck-asan)"

@@ -35,9 +35,19 @@ struct FdWaits {
 
 type WaitKey = (usize, RawFd);
 
+/// Per (context, fd): the waits in progress on this thread. Its
+/// destruction begins the thread's teardown (see `coroutine/teardown.rs`),
+/// so no coroutine is unwound or resumed after it is gone.
+struct Waits {
+    map: RefCell<HashMap<WaitKey, Rc<RefCell<FdWaits>>>>,
+    _teardown: crate::coroutine::TeardownOnDrop,
+}
+
 thread_local! {
-    /// Per (context, fd): the waits in progress on this thread.
-    static WAITS: RefCell<HashMap<WaitKey, Rc<RefCell<FdWaits>>>> = RefCell::new(HashMap::new());
+    static WAITS: Waits = Waits {
+        map: RefCell::new(HashMap::new()),
+        _teardown: crate::coroutine::TeardownOnDrop,
+    };
 }
 
 impl FdWaits {
@@ -79,7 +89,9 @@ fn rearm(ctx: &AioContext, key: WaitKey, entry: &Rc<RefCell<FdWaits>>) -> io::Re
         (e.read.is_some(), e.write.is_some())
     };
     if !r && !w {
-        WAITS.with(|m| m.borrow_mut().remove(&key));
+        // Gone only during the thread's teardown, after which no wait
+        // ends here (coroutines are neither unwound nor resumed).
+        let _ = WAITS.try_with(|m| m.map.borrow_mut().remove(&key));
         return Ok(());
     }
     let cb = |write: bool| -> crate::aio::IoHandler {
@@ -131,7 +143,13 @@ fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
     };
     let raw = fd.as_fd().as_raw_fd();
     let key = (Arc::as_ptr(&ctx.inner) as usize, raw);
-    let entry = WAITS.with(|m| m.borrow_mut().entry(key).or_default().clone());
+    let entry = WAITS
+        .try_with(|m| m.map.borrow_mut().entry(key).or_default().clone())
+        .map_err(|_| {
+            io::Error::other(format!(
+                "{api}: cannot wait for fd {raw}: the thread is exiting"
+            ))
+        })?;
     let ready = Rc::new(Cell::new(false));
     {
         let mut e = entry.borrow_mut();

@@ -207,31 +207,38 @@
 //! thread-locals when the thread exits, in reverse order of their first
 //! use, whether or not a suspended coroutine still borrows them.
 //!
-//! coroloop closes what a library can close:
+//! coroloop closes what a library can close. The thread's *teardown*
+//! begins when the first of coroloop's own thread-locals is destroyed
+//! (each of them — the coroutine pool, the default context, fd waits, file
+//! engines, ... — begins it from its destructor, so the one first used
+//! last, and destroyed first, counts). From then on:
 //!
-//! * once its own thread-local destructor has run (registered when the
-//!   thread first creates a coroutine, and again when it first sets up
-//!   io_uring or Linux AIO), a suspended coroutine whose last handle is
-//!   dropped is leaked with a log line instead of unwound, since its
-//!   destructors could read destroyed thread-locals;
-//! * that destructor cancels and reaps every io_uring and Linux AIO request
-//!   of the thread's contexts before it returns, and nothing is submitted
-//!   afterwards;
-//! * an [`aio::IoThread`] does both before its thread function returns, so
-//!   on IoThreads every order of thread-local destruction is safe.
+//! * a suspended coroutine whose last handle is dropped is leaked with a
+//!   log line instead of unwound, since its destructors could read
+//!   destroyed thread-locals;
+//! * a suspended coroutine is not resumed any more (`enter`, a wake, a
+//!   poll): it stays suspended, with a log line;
+//! * every io_uring and Linux AIO request of the thread's contexts is
+//!   cancelled and reaped before that destructor returns, and nothing is
+//!   submitted afterwards.
+//!
+//! An [`aio::IoThread`] begins its teardown before its thread function
+//! returns, so on IoThreads every order of thread-local destruction is
+//! safe.
 //!
 //! What remains, on threads that are not IoThreads, is exactly this: a
-//! thread-local whose **first use came after** coroloop's destructor was
-//! registered is destroyed **before** that destructor runs. If such a
-//! thread-local is borrowed across a suspension by a coroutine that is
-//! still suspended (alive, or leaked with `mem::forget`) when the thread
+//! thread-local whose **first use came after** the first use of every
+//! coroloop thread-local is destroyed **before** the teardown begins. If
+//! such a thread-local is borrowed across a suspension by a coroutine that
+//! is still suspended (alive, or leaked with `mem::forget`) when the thread
 //! exits, then (a) a destructor that runs between the two and drops the
-//! coroutine's last handle unwinds it on the destroyed thread-local, and
-//! (b) a file request reading into that thread-local that is in the
-//! kernel then, or that such a destructor submits by polling the context,
-//! may complete into freed memory. No library can see that a
-//! thread is exiting before its own thread-local destructor runs. The rule
-//! above avoids both; so does running such coroutines on an `IoThread`.
+//! coroutine's last handle, or resumes it, runs it on the destroyed
+//! thread-local, and (b) a file request reading into that thread-local
+//! that is in the kernel then, or that such a destructor submits by
+//! polling the context, may complete into freed memory. No library can see
+//! that a thread is exiting before its own thread-local destructor runs.
+//! The rule above avoids both; so does running such coroutines on an
+//! `IoThread`.
 //!
 //! # Platform
 //!

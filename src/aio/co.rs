@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock, Weak};
 
 use concurrent_queue::ConcurrentQueue;
 
-use super::{running_inner, AioContext, Inner, HOME_DEFAULT};
+use super::{home_default, running_inner, AioContext, Inner};
 use crate::coroutine::{enter_request, CoReqKind, Coroutine, Erased, RemoteRef, Request, Resumer};
 
 pub(crate) struct CoQueue {
@@ -98,7 +98,7 @@ pub(crate) fn thread_default_resumer() -> Option<Arc<dyn Resumer>> {
             .get()
             .map(|r| r.clone() as Arc<dyn Resumer>);
     }
-    let inner = HOME_DEFAULT.with(|d| d.borrow().as_ref().and_then(Weak::upgrade))?;
+    let inner = home_default()?;
     inner
         .co
         .resumer

@@ -139,7 +139,7 @@ impl IoThreadBuilder {
                         panic_text(&*p)
                     );
                 }
-                super::file::teardown_thread_engines();
+                crate::coroutine::begin_thread_teardown();
             })?;
         let ctx = match rx.recv() {
             Ok(Ok(ctx)) => ctx,
@@ -232,6 +232,11 @@ impl Drop for IoThread {
         if let Some(handle) = handle {
             self.stopping.store(true, Ordering::Release);
             self.ctx.notify();
+            if handle.thread().id() == std::thread::current().id() {
+                // Dropped by one of its own callbacks: it cannot wait for
+                // itself; its loop ends when that callback returns.
+                return;
+            }
             if handle.join().is_err() && !std::thread::panicking() {
                 log::error!("coroloop: IoThread '{}' panicked", self.name);
             }

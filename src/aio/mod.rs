@@ -87,7 +87,25 @@ thread_local! {
     /// never reused.
     static THREAD_SERIAL: Cell<u64> = const { Cell::new(0) };
     /// The first context created on this thread that is still alive.
-    static HOME_DEFAULT: RefCell<Option<Weak<Inner>>> = const { RefCell::new(None) };
+    static HOME_DEFAULT: HomeDefault = const {
+        HomeDefault { ctx: RefCell::new(None), _teardown: crate::coroutine::TeardownOnDrop }
+    };
+}
+
+/// The thread's default context; its destruction begins the thread's
+/// teardown (see `coroutine/teardown.rs`).
+pub(crate) struct HomeDefault {
+    ctx: RefCell<Option<Weak<Inner>>>,
+    _teardown: crate::coroutine::TeardownOnDrop,
+}
+
+/// The thread's default context, if it is alive (`None` as well once the
+/// thread's thread-locals are being destroyed).
+pub(crate) fn home_default() -> Option<Arc<Inner>> {
+    HOME_DEFAULT
+        .try_with(|d| d.ctx.borrow().as_ref().and_then(Weak::upgrade))
+        .ok()
+        .flatten()
 }
 
 /// This thread's serial (see `THREAD_SERIAL`).
@@ -501,8 +519,9 @@ impl AioContext {
             })),
         });
         inner.co.set_resumer(&inner);
-        HOME_DEFAULT.with(|d| {
-            let mut d = d.borrow_mut();
+        // During the thread's teardown there is no default any more.
+        let _ = HOME_DEFAULT.try_with(|d| {
+            let mut d = d.ctx.borrow_mut();
             if d.as_ref().and_then(Weak::upgrade).is_none() {
                 *d = Some(Arc::downgrade(&inner));
             }
@@ -525,9 +544,7 @@ impl AioContext {
             let inner = unsafe { Arc::from_raw(running) };
             return Some(AioContext::from_inner(inner));
         }
-        HOME_DEFAULT
-            .with(|d| d.borrow().as_ref().and_then(Weak::upgrade))
-            .map(AioContext::from_inner)
+        home_default().map(AioContext::from_inner)
     }
 
     /// Whether the calling thread is this context's home thread.

@@ -107,7 +107,9 @@ use pool::{Cancelled, Cmd, Event, Worker};
 
 pub(crate) use current::{pop_loop, push_loop, running_loop};
 pub(crate) use header::{CoReqKind, Resumer};
-pub(crate) use teardown::{begin_thread_teardown, thread_tearing_down};
+pub(crate) use teardown::{
+    begin_thread_teardown, set_thread_teardown_hook, thread_tearing_down, TeardownOnDrop,
+};
 pub(crate) use wake::{enter_request, Request};
 
 /// The result type of a handle whose coroutine's result type is not known,
@@ -724,6 +726,11 @@ fn switch(h: &Header, from: *const Header, cmd: Cmd) -> Event {
         Some(w) => w,
         None => unreachable!("coroloop: entering a coroutine without a worker"),
     };
+    if cmd == Cmd::RESUME && teardown::thread_tearing_down() {
+        // Its stack may borrow thread-locals destroyed by now: a suspended
+        // coroutine is not resumed once the thread's teardown began.
+        return resume_refused(h);
+    }
     h.state.set(State::Running);
     // The call chain, which `current::running_loop` walks: per-stack state
     // is found through it, never restored by a guard on a stack that may
@@ -741,6 +748,19 @@ fn switch(h: &Header, from: *const Header, cmd: Cmd) -> Event {
         finish(h, w);
     }
     ev
+}
+
+/// A suspended coroutine asked to resume during the thread's teardown: it
+/// stays suspended (and is leaked with the thread).
+#[cold]
+#[inline(never)]
+fn resume_refused(h: &Header) -> Event {
+    let name = h.name().unwrap_or("<unnamed>");
+    log::warn!(
+        "coroloop: not resuming suspended coroutine '{name}' ({h:p}): its thread is exiting, \
+         and its stack may borrow thread-locals that are already destroyed"
+    );
+    Event::Suspended
 }
 
 #[inline]

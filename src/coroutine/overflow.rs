@@ -44,6 +44,8 @@ struct AltStack(Cell<*mut libc::c_void>, Cell<usize>);
 
 impl Drop for AltStack {
     fn drop(&mut self) {
+        // A coroloop thread-local is going: the thread's teardown began.
+        super::teardown::begin_thread_teardown();
         let p = self.0.get();
         if p.is_null() {
             return;

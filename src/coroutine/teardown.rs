@@ -13,24 +13,50 @@
 //! The flag is a const-initialised `Cell` without a destructor: it can be
 //! read and set at any point of the thread's exit, before or after any
 //! other thread-local is destroyed. It is set by the first of coroloop's
-//! thread-local destructors to run (the coroutine pool's, registered when
-//! the thread first creates a coroutine, and the file engines', registered
-//! when a context of the thread first sets up io_uring or Linux AIO).
+//! thread-local destructors to run: *every* thread-local of the crate that
+//! has a destructor calls [`begin_thread_teardown`] from it (the coroutine
+//! pool, the file engines' registry, the default context, fd waits, the
+//! `await_future` spare signal, the alternate signal stack). So while the
+//! flag is clear, all of them are alive, and the code that unwinds or
+//! resumes coroutines may use them. Setting the flag also runs the loop's
+//! teardown hook (cancel and reap the thread's file requests) at that
+//! earliest point. After it:
+//!
+//! * a suspended coroutine that is dropped is leaked with a log line
+//!   instead of unwound;
+//! * a suspended coroutine is no longer resumed (`enter`, a wake, a poll):
+//!   its stack may borrow destroyed thread-locals; it stays suspended and
+//!   the attempt is logged;
+//! * the file engines submit nothing.
 //!
 //! # The order that cannot be closed
 //!
-//! A user thread-local first used *after* coroloop's destructor was
-//! registered is destroyed *before* that destructor runs, so no flag can
-//! be set in time for it: a coroutine suspended inside that thread-local's
-//! `with` and dropped by an even earlier-destroyed... later-registered
-//! destructor is unwound on freed memory. A library cannot observe that
-//! the thread is exiting before its own destructor runs; hence the rule in
-//! the crate docs: never hold a thread-local borrow across a suspension.
+//! A user thread-local first used *after* every coroloop thread-local is
+//! destroyed *before* any of their destructors runs, so the flag is not
+//! yet set while it is destroyed, nor while any destructor that runs
+//! between the two. A coroutine suspended inside that thread-local's
+//! `with`, whose last handle such a destructor drops (or which it
+//! resumes), still runs on the freed thread-local. A library cannot
+//! observe that the thread is exiting before its own destructor runs;
+//! hence the rule in the crate docs: never hold a thread-local borrow
+//! across a suspension. IoThreads set the flag before their thread
+//! function returns, which closes this order there.
 
 use std::cell::Cell;
+use std::sync::OnceLock;
 
 thread_local! {
     static TEARING_DOWN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// What the event loop does when a thread's teardown begins (cancel and
+/// reap the file requests of the thread's contexts); registered by `aio`,
+/// so that this module does not depend on it.
+static HOOK: OnceLock<fn()> = OnceLock::new();
+
+/// Registers the loop's teardown hook (once per process).
+pub(crate) fn set_thread_teardown_hook(f: fn()) {
+    let _ = HOOK.set(f);
 }
 
 /// Whether this thread's teardown has begun (one of coroloop's
@@ -42,7 +68,25 @@ pub(crate) fn thread_tearing_down() -> bool {
     TEARING_DOWN.try_with(Cell::get).unwrap_or(true)
 }
 
-/// Records that this thread's teardown has begun.
+/// Records that this thread's teardown has begun and, the first time,
+/// runs the loop's teardown hook. Called from the destructor of every
+/// coroloop thread-local that has one, and by an IoThread before its
+/// thread function returns.
 pub(crate) fn begin_thread_teardown() {
-    let _ = TEARING_DOWN.try_with(|t| t.set(true));
+    let first = TEARING_DOWN.try_with(|t| !t.replace(true)).unwrap_or(false);
+    if first {
+        if let Some(hook) = HOOK.get() {
+            hook();
+        }
+    }
+}
+
+/// A marker to embed in a coroloop thread-local that has a destructor: its
+/// drop begins the thread's teardown (see the module docs).
+pub(crate) struct TeardownOnDrop;
+
+impl Drop for TeardownOnDrop {
+    fn drop(&mut self) {
+        begin_thread_teardown();
+    }
 }

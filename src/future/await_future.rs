@@ -34,14 +34,23 @@ thread_local! {
     /// The signal of the last `await_future` that ended with no waker
     /// clone outstanding: reused by the next one for the same coroutine,
     /// so awaiting costs no allocation and no reference counting.
-    static SPARE: Cell<Option<Arc<Signal>>> = const { Cell::new(None) };
+    static SPARE: Spare = const {
+        Spare { signal: Cell::new(None), _teardown: crate::coroutine::TeardownOnDrop }
+    };
+}
+
+/// The spare signal; its destruction begins the thread's teardown (see
+/// `coroutine/teardown.rs`).
+struct Spare {
+    signal: Cell<Option<Arc<Signal>>>,
+    _teardown: crate::coroutine::TeardownOnDrop,
 }
 
 /// A signal for the current coroutine `me`: the spare one if it is
 /// unshared and for `me`, else a new one.
 #[track_caller]
 fn signal_for(me: &Coroutine<Erased>) -> Arc<Signal> {
-    if let Some(mut s) = SPARE.with(Cell::take) {
+    if let Some(mut s) = SPARE.try_with(|s| s.signal.take()).ok().flatten() {
         if s.co.is_for(me) {
             if let Some(sig) = Arc::get_mut(&mut s) {
                 // Unshared: no old waker can set it any more.
@@ -72,7 +81,8 @@ impl Drop for Recycle {
         if Arc::strong_count(&self.0) == 1 {
             let s = self.0.clone();
             // Replacing the spare drops the older one: fine, it is unshared.
-            SPARE.with(|c| c.set(Some(s)));
+            // (During the thread's teardown the spare is gone: just drop.)
+            let _ = SPARE.try_with(|c| c.signal.set(Some(s)));
         }
     }
 }

@@ -28,10 +28,10 @@
 //!
 //! A coroutine that is leaked (`mem::forget`) or still suspended when its
 //! thread exits never unwinds, so its request is not cancelled that way.
-//! Instead coroloop's thread-local destructor (registered when the thread
-//! first sets up an engine) cancels and reaps every request of the
-//! thread's contexts and stops the engines: nothing is submitted after it
-//! ran. An [`IoThread`](super::IoThread) does this before its thread
+//! Instead, when the thread's teardown begins (the first of coroloop's
+//! thread-local destructors runs), every request of the thread's contexts
+//! is cancelled and reaped and the engines are stopped: nothing is
+//! submitted afterwards. An [`IoThread`](super::IoThread) does this before its thread
 //! function returns. What remains on other threads (a buffer in a
 //! thread-local first used after that registration) is stated in the
 //! crate docs, "Thread-locals and thread exit".
@@ -123,6 +123,12 @@ impl Engines {
 
     /// Submits what coroutines queued (the end of the loop's plug).
     pub(crate) fn flush(&self) {
+        if crate::coroutine::thread_tearing_down() {
+            // The thread is exiting (a thread-local destructor polls):
+            // submit nothing, cancel and reap instead.
+            self.teardown();
+            return;
+        }
         if let Some(u) = self.uring() {
             u.flush();
         }
@@ -194,20 +200,22 @@ impl Engines {
 /// thread-locals in reverse order of first use; a request submitted after
 /// its buffer's thread-local was destroyed (a later destructor polls the
 /// context), or still in the kernel then, makes the kernel write into freed
-/// memory, which no sanitizer sees. This destructor is registered when the
-/// thread's first engine is set up, so it runs before the destructors of
-/// the thread-locals first used before that, and before those of the
-/// thread-locals whose first use came earlier still: it cancels and reaps
-/// every request of the thread's contexts and stops the engines from
-/// submitting, and marks the thread's teardown as begun. IoThreads run it
-/// before their thread function returns, which closes every order there.
-/// What remains on other threads (a thread-local first used after the
-/// first engine was set up, lent to a request still in the kernel when
-/// that thread-local is destroyed) is stated in the crate docs.
+/// memory, which no sanitizer sees. When the thread's teardown begins (the
+/// first coroloop thread-local destructor runs: this registry's, the
+/// coroutine pool's, ...; see `coroutine/teardown.rs`), its hook cancels
+/// and reaps every request of the contexts listed here and stops their
+/// engines from submitting; `Engines::flush` refuses to submit from then
+/// on as well. IoThreads begin their teardown before their thread
+/// function returns, which closes every order there. What remains on
+/// other threads (a thread-local first used after every coroloop
+/// thread-local, lent to a request still in the kernel when it is
+/// destroyed) is stated in the crate docs.
 struct ThreadEngines(RefCell<Vec<std::sync::Weak<super::Inner>>>);
 
 impl Drop for ThreadEngines {
     fn drop(&mut self) {
+        // Begins the teardown (whose hook finds this registry gone), then
+        // tears down what the registry held.
         crate::coroutine::begin_thread_teardown();
         teardown_list(std::mem::take(self.0.get_mut()));
     }
@@ -231,6 +239,7 @@ fn register_engine_context(inner: &std::sync::Arc<super::Inner>) -> io::Result<(
     if crate::coroutine::thread_tearing_down() {
         return Err(exiting());
     }
+    crate::coroutine::set_thread_teardown_hook(teardown_registered_engines);
     THREAD_ENGINES
         .try_with(|t| {
             let mut v = t.0.borrow_mut();
@@ -240,11 +249,10 @@ fn register_engine_context(inner: &std::sync::Arc<super::Inner>) -> io::Result<(
         .map_err(|_| exiting())
 }
 
-/// Cancels and reaps every file request of the contexts homed on this
-/// thread and stops their engines for good: the end of an IoThread's
-/// thread function, and what this thread's teardown does.
-pub(crate) fn teardown_thread_engines() {
-    crate::coroutine::begin_thread_teardown();
+/// The thread's teardown hook (see `coroutine/teardown.rs`): cancels and
+/// reaps every file request of the contexts homed on this thread and stops
+/// their engines for good.
+fn teardown_registered_engines() {
     let list = THREAD_ENGINES
         .try_with(|t| std::mem::take(&mut *t.0.borrow_mut()))
         .unwrap_or_default();

@@ -61,6 +61,15 @@ impl Requests {
         self.slab.get(idx).is_some_and(|s| s.result.is_some())
     }
 
+    /// The requests without a result yet.
+    pub(crate) fn unfinished(&self) -> Vec<usize> {
+        self.slab
+            .iter()
+            .filter(|(_, s)| s.result.is_none())
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.slab.is_empty()
     }

@@ -29,6 +29,9 @@ use crate::coroutine::RemoteCoroutine;
 const ENTRIES: u32 = 128;
 /// user_data of our cancel requests, whose completions are ignored.
 const CANCEL_TAG: u64 = u64::MAX;
+/// user_data of the cancel-everything request of a teardown, whose result
+/// says whether the kernel knows it (5.19+).
+const CANCEL_ANY_TAG: u64 = u64::MAX - 1;
 
 /// A context's io_uring (QEMU's `LuringState`): coroutine file I/O that
 /// suspends until the kernel completes it. Get it with
@@ -494,14 +497,32 @@ impl IoUring {
         }
         let any = opcode::AsyncCancel2::new(types::CancelBuilder::any())
             .build()
-            .user_data(CANCEL_TAG);
+            .user_data(CANCEL_ANY_TAG);
         self.push_cancel(any);
+        let mut one_by_one = false;
         while self.in_flight.get() + self.queued.get() > 0 {
             self.submit_blocking(1);
             let mut reqs = self.reqs.borrow_mut();
             self.reap(|idx, res| {
-                reqs.complete(idx, res);
+                if idx as u64 == CANCEL_ANY_TAG {
+                    // A kernel before 5.19 does not know "cancel any":
+                    // cancel the requests one by one (a pipe or socket read
+                    // would otherwise never end).
+                    one_by_one = res == -(libc::EINVAL as i64);
+                } else {
+                    reqs.complete(idx, res);
+                }
             });
+            drop(reqs);
+            if std::mem::take(&mut one_by_one) {
+                let left = self.reqs.borrow().unfinished();
+                for idx in left {
+                    let c = opcode::AsyncCancel::new(idx as u64)
+                        .build()
+                        .user_data(CANCEL_TAG);
+                    self.push_cancel(c);
+                }
+            }
         }
     }
 
