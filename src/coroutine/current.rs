@@ -24,8 +24,18 @@ use std::ptr;
 
 use super::header::Header;
 
+/// The running coroutine and the teardown flag share one thread-local, so
+/// that `switch` computes its address once for both.
+struct ThreadState {
+    current: Cell<*const Header>,
+    /// See `teardown.rs`.
+    tearing_down: Cell<bool>,
+}
+
 thread_local! {
-    static CURRENT: Cell<*const Header> = const { Cell::new(ptr::null()) };
+    static CURRENT: ThreadState = const {
+        ThreadState { current: Cell::new(ptr::null()), tearing_down: Cell::new(false) }
+    };
     /// The innermost running loop of the thread's own stack (outside
     /// every coroutine), or null.
     static BASE_LOOP: Cell<*const ()> = const { Cell::new(ptr::null()) };
@@ -34,18 +44,31 @@ thread_local! {
 /// The header of the coroutine running on this thread, or null.
 #[inline]
 pub(crate) fn current_ptr() -> *const Header {
-    CURRENT.with(Cell::get)
+    CURRENT.with(|s| s.current.get())
 }
 
 /// Sets the running coroutine; returns the previous one.
 #[inline]
 pub(crate) fn set_current(h: *const Header) -> *const Header {
-    CURRENT.with(|c| c.replace(h))
+    CURRENT.with(|s| s.current.replace(h))
 }
 
 /// As [`current_ptr`], for the signal handler: never panics.
 pub(crate) fn current_ptr_signal_safe() -> *const Header {
-    CURRENT.try_with(Cell::get).unwrap_or(ptr::null())
+    CURRENT.try_with(|s| s.current.get()).unwrap_or(ptr::null())
+}
+
+/// Whether this thread's teardown has begun (see `teardown.rs`).
+#[inline]
+pub(crate) fn tearing_down() -> bool {
+    // A const thread-local without drop glue is never destroyed: `with`
+    // cannot fail for it.
+    CURRENT.with(|s| s.tearing_down.get())
+}
+
+/// Sets the teardown flag; returns its previous value.
+pub(crate) fn set_tearing_down() -> bool {
+    CURRENT.with(|s| s.tearing_down.replace(true))
 }
 
 /// The innermost running loop of the current call chain (null if none).

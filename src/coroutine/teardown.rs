@@ -42,12 +42,9 @@
 //! across a suspension. IoThreads set the flag before their thread
 //! function returns, which closes this order there.
 
-use std::cell::Cell;
 use std::sync::OnceLock;
 
-thread_local! {
-    static TEARING_DOWN: Cell<bool> = const { Cell::new(false) };
-}
+use super::current;
 
 /// What the event loop does when a thread's teardown begins (cancel and
 /// reap the file requests of the thread's contexts); registered by `aio`,
@@ -63,9 +60,7 @@ pub(crate) fn set_thread_teardown_hook(f: fn()) {
 /// thread-local destructors has run).
 #[inline]
 pub(crate) fn thread_tearing_down() -> bool {
-    // A const `Cell` without drop glue is never destroyed; `try_with`
-    // cannot fail for it, but stay on the safe side if it did.
-    TEARING_DOWN.try_with(Cell::get).unwrap_or(true)
+    current::tearing_down()
 }
 
 /// Records that this thread's teardown has begun and, the first time,
@@ -73,8 +68,7 @@ pub(crate) fn thread_tearing_down() -> bool {
 /// coroloop thread-local that has one, and by an IoThread before its
 /// thread function returns.
 pub(crate) fn begin_thread_teardown() {
-    let first = TEARING_DOWN.try_with(|t| !t.replace(true)).unwrap_or(false);
-    if first {
+    if !current::set_tearing_down() {
         if let Some(hook) = HOOK.get() {
             hook();
         }
