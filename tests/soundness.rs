@@ -903,3 +903,31 @@ fn an_iothread_dropped_by_its_own_callback_stops_without_panicking() {
         );
     }
 }
+
+/// A callback's panic whose payload panics again when dropped must not
+/// unwind out of the IoThread's thread function: that skipped its
+/// shutdown and teardown, reopening holes 4 and 5 there (found by the
+/// second review). The IoThread keeps serving.
+#[test]
+fn an_iothread_survives_a_panic_payload_that_panics_when_dropped() {
+    struct PanicOnDrop;
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                panic!("the payload's own destructor panics");
+            }
+        }
+    }
+    let io = IoThread::spawn("payload").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    io.context()
+        .bh_schedule_oneshot(|| std::panic::panic_any(PanicOnDrop));
+    io.context().bh_schedule_oneshot(move || {
+        tx.send("still serving").unwrap();
+    });
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(10)),
+        Ok("still serving")
+    );
+    io.stop();
+}

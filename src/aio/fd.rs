@@ -72,6 +72,12 @@ impl Handlers {
 
     /// Applies the context's external-disable count to the monitor.
     pub(crate) fn sync_external(&self, ctx: &AioContext) {
+        if ctx.inner.is_dead() {
+            // Mid-shutdown the table may hold entries whose fds are already
+            // closed (their handlers were dropped after `dead` was set):
+            // nothing may touch the monitor by their numbers.
+            return;
+        }
         let off = ctx.inner.external_disable.load(Ordering::Acquire) > 0;
         if off == self.external_off.get() {
             return;

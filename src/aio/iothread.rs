@@ -110,6 +110,16 @@ impl IoThreadBuilder {
                     return;
                 }
                 let _ = tx.send(Ok(ctx.clone()));
+                // The thread is the crate's own: before its thread function
+                // returns (and thread-locals start to be destroyed), its
+                // context is shut down (every coroutine it resumes
+                // cancelled), every kernel request of its contexts is
+                // cancelled and reaped, and teardown is marked as begun, so
+                // that coroutines dropped by later thread-local destructors
+                // are leaked, not unwound on destroyed thread-locals
+                // (soundness holes 4, 5). A guard does it, so that it also
+                // happens if something unwinds out of the loop.
+                let _end = EndOfThread(ctx.clone());
                 while !stop.load(Ordering::Acquire) {
                     // A panicking callback must not take the thread down:
                     // log it and keep serving.
@@ -117,29 +127,9 @@ impl IoThreadBuilder {
                         ctx.poll(true);
                     }));
                     if let Err(p) = r {
-                        log::error!(
-                            "coroloop: IoThread '{}': a callback panicked: {}",
-                            std::thread::current().name().unwrap_or("?"),
-                            panic_text(&*p)
-                        );
+                        log_panic("a callback panicked", p);
                     }
                 }
-                // The thread is the crate's own: before its thread function
-                // returns (and thread-locals start to be destroyed), every
-                // kernel request of its contexts is cancelled and reaped,
-                // and teardown is marked as begun, so that coroutines
-                // dropped by later thread-local destructors are leaked, not
-                // unwound on destroyed thread-locals (soundness holes 4, 5).
-                if let Err(p) =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.shutdown()))
-                {
-                    log::error!(
-                        "coroloop: IoThread '{}': a destructor panicked during shutdown: {}",
-                        std::thread::current().name().unwrap_or("?"),
-                        panic_text(&*p)
-                    );
-                }
-                crate::coroutine::begin_thread_teardown();
             })?;
         let ctx = match rx.recv() {
             Ok(Ok(ctx)) => ctx,
@@ -241,6 +231,38 @@ impl Drop for IoThread {
                 log::error!("coroloop: IoThread '{}' panicked", self.name);
             }
         }
+    }
+}
+
+/// Ends an IoThread's thread function (see where it is made).
+struct EndOfThread(AioContext);
+
+impl Drop for EndOfThread {
+    fn drop(&mut self) {
+        let ctx = &self.0;
+        if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.shutdown())) {
+            log_panic("a destructor panicked during shutdown", p);
+        }
+        crate::coroutine::begin_thread_teardown();
+    }
+}
+
+/// Logs a caught panic and disposes of its payload without letting a
+/// panicking payload destructor unwind out of the thread function (which
+/// would skip `EndOfThread`'s work if it happened in the loop): the
+/// logging and the drop run under `catch_unwind`, and a payload whose drop
+/// panics again is leaked.
+fn log_panic(what: &str, p: Box<dyn std::any::Any + Send>) {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        log::error!(
+            "coroloop: IoThread '{}': {what}: {}",
+            std::thread::current().name().unwrap_or("?"),
+            panic_text(&*p)
+        );
+        drop(p);
+    }));
+    if let Err(again) = r {
+        std::mem::forget(again);
     }
 }
 

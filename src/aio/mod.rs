@@ -308,16 +308,29 @@ impl Panics {
     /// keeping its panic.
     pub(crate) fn catch(&mut self, f: impl FnOnce()) {
         if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-            if self.first.is_none() {
-                self.first = Some(p);
-            } else {
-                log::error!(
-                    "coroloop: {}: another destructor panicked ({}); only the first panic \
-                     is resumed",
-                    self.what,
-                    panic_text(&*p)
-                );
-            }
+            self.keep(p);
+        }
+    }
+
+    /// Keeps the first panic; logs and disposes of the others, without
+    /// letting a payload whose own drop panics unwind out of the teardown
+    /// (such a payload is leaked).
+    pub(crate) fn keep(&mut self, p: Box<dyn std::any::Any + Send>) {
+        if self.first.is_none() {
+            self.first = Some(p);
+            return;
+        }
+        let what = self.what;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            log::error!(
+                "coroloop: {what}: another destructor panicked ({}); only the first panic \
+                 is resumed",
+                panic_text(&*p)
+            );
+            drop(p);
+        }));
+        if let Err(again) = r {
+            std::mem::forget(again);
         }
     }
 
