@@ -142,19 +142,42 @@ pub(crate) fn thread_serial() -> u64 {
 /// ```
 pub struct AioContext {
     pub(crate) inner: Arc<Inner>,
+    /// Whether this handle counts as a user handle (`Inner::handles`).
+    /// The library's own references to a context (the timer of a sleeping
+    /// coroutine, an fd wait) do not: a context that no user handle can
+    /// reach any more shuts down instead of keeping its coroutines waiting
+    /// unpolled forever (DESIGN.md, "Who owns a coroutine").
+    counted: bool,
 }
 
 impl AioContext {
-    /// A new handle (counted in `handles`).
+    /// A new user handle (counted in `handles`).
     pub(crate) fn from_inner(inner: Arc<Inner>) -> AioContext {
         inner.handles.fetch_add(1, Ordering::Relaxed);
-        AioContext { inner }
+        AioContext {
+            inner,
+            counted: true,
+        }
+    }
+
+    /// A handle for the library's own use, which does not keep the
+    /// context from shutting down when the last user handle goes (it keeps
+    /// only its memory). Its clones are internal too.
+    pub(crate) fn internal(&self) -> AioContext {
+        AioContext {
+            inner: self.inner.clone(),
+            counted: false,
+        }
     }
 }
 
 impl Clone for AioContext {
     fn clone(&self) -> AioContext {
-        AioContext::from_inner(self.inner.clone())
+        if self.counted {
+            AioContext::from_inner(self.inner.clone())
+        } else {
+            self.internal()
+        }
     }
 }
 
@@ -164,7 +187,8 @@ impl Drop for AioContext {
     /// thread briefly holds the context (a wake or a completion in flight)
     /// and would otherwise drop it last, off its home thread.
     fn drop(&mut self) {
-        if self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1
+        if self.counted
+            && self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1
             && self.inner.is_home()
             && !self.inner.is_dead()
         {
@@ -308,6 +332,13 @@ impl Panics {
     /// keeping its panic.
     pub(crate) fn catch(&mut self, f: impl FnOnce()) {
         if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+            self.keep(p);
+        }
+    }
+
+    /// Keeps a panic caught elsewhere.
+    pub(crate) fn keep(&mut self, p: Box<dyn std::any::Any + Send>) {
+        {
             if self.first.is_none() {
                 self.first = Some(p);
             } else {
@@ -908,6 +939,12 @@ impl AioContext {
         // in refuses a dead context (`Timers` is closed by `clear`).
         let mut panics = Panics::new("AioContext::shutdown");
         // Coroutines first: their unwinding may still use the context.
+        // Every coroutine the context resumes is cancelled, whoever owns
+        // it (DESIGN.md, "Who owns a coroutine"): nothing could resume it
+        // once the context is gone. Those it owns are then released.
+        if let Some(p) = self.inner.co.coroutines().cancel_all() {
+            panics.keep(p);
+        }
         loop {
             let owned: Vec<_> = local
                 .detached

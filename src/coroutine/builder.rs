@@ -104,6 +104,9 @@ where
     if !cur.is_null() {
         inherit_resumer(cur, hr);
     } else if let Some(r) = crate::aio::thread_default_resumer() {
+        if let Some(list) = r.coroutines() {
+            list.link(hr);
+        }
         // SAFETY: home-thread field of a header nothing else sees yet.
         unsafe { *hr.resumer.get() = Some(r) };
     }
@@ -117,6 +120,9 @@ fn inherit_resumer(cur: *const Header, h: &Header) {
     // home-thread field and no reference into it is live.
     unsafe {
         if let Some(r) = &*(*cur).resumer.get() {
+            if let Some(list) = r.coroutines() {
+                list.link(h);
+            }
             *h.resumer.get() = Some(r.clone());
             h.ask_resumer.set((*cur).ask_resumer.get());
         }

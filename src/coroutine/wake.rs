@@ -213,6 +213,13 @@ impl<T> Coroutine<T> {
     /// inside it); `ask`: home-thread wakes ask `r` before entering.
     pub(crate) fn set_resumer(&self, r: Arc<dyn Resumer>, ask: bool) {
         let h = self.header();
+        // It leaves the old resumer's list for the new one's.
+        h.links.unlink();
+        if h.state.get() != super::State::Finished {
+            if let Some(list) = r.coroutines() {
+                list.link(h);
+            }
+        }
         // SAFETY: home-thread field (handles are !Send); no reference into
         // it is live.
         unsafe { *h.resumer.get() = Some(r) };
@@ -307,7 +314,7 @@ pub fn sleep(d: Duration) {
         Some(co) => co,
         None => panic!("coroutine::sleep() called outside a coroutine"),
     };
-    let Some(ctx) = co.aio_context() else {
+    let Some(ctx) = co.aio_context().map(|c| c.internal()) else {
         panic!("coroutine::sleep(): the coroutine has no AioContext for its timer");
     };
     let fired = std::rc::Rc::new(std::cell::Cell::new(false));
@@ -373,6 +380,9 @@ pub unsafe fn reschedule_self(ctx: &AioContext) {
         // SAFETY: home-thread field, on the home thread, with the
         // coroutine suspended; the caller guarantees no handle uses it.
         unsafe { *h.resumer.get() = Some(res.clone()) };
+        // It leaves the old context's list of coroutines here; it joins the
+        // new one's on the new home thread, below.
+        h.links.unlink();
         let _ = h.scheduled.claim();
         let owned = if h.detached.get() {
             old2.disown(h as *const Header as usize)
@@ -380,18 +390,20 @@ pub unsafe fn reschedule_self(ctx: &AioContext) {
         } else {
             None
         };
-        match owned {
-            None => res.queue(r, CoReqKind::Schedule),
-            Some(owner) => {
-                let target = new_ctx.clone();
-                new_ctx.bh_schedule_oneshot(move || {
-                    // SAFETY: `owner` came from `disown` on the old home
-                    // thread; we are on the new home thread now.
-                    target.adopt(unsafe { owner.into_coroutine() });
-                    res.queue(r, CoReqKind::Schedule);
-                });
+        let target = new_ctx.clone();
+        new_ctx.bh_schedule_oneshot(move || {
+            if let Some(list) = res.coroutines() {
+                // On the new home thread; the caller guarantees nothing
+                // else uses the coroutine meanwhile.
+                list.link(r.header());
             }
-        }
+            if let Some(owner) = owned {
+                // SAFETY: `owner` came from `disown` on the old home
+                // thread; we are on the new home thread now.
+                target.adopt(unsafe { owner.into_coroutine() });
+            }
+            res.queue(r, CoReqKind::Schedule);
+        });
     });
     suspend();
 }
