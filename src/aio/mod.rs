@@ -908,15 +908,21 @@ impl AioContext {
             .get_or_init(|| ThreadPool::new(Arc::downgrade(&self.inner)))
     }
 
-    /// Tears the context down on its home thread: unwinds the coroutines it
-    /// owns ([`Coroutine::detach`]), drops its fd handlers' callbacks, its
-    /// timers and pending bottom halves. Afterwards `poll` has nothing to
-    /// run and new work is dropped. Idempotent. [`IoThread::stop`] calls it.
+    /// Tears the context down on its home thread: cancels (unwinds) every
+    /// coroutine it resumes, whoever owns it — those it owns
+    /// ([`Coroutine::detach`], dropped last handles, `spawn_coroutine`) and
+    /// those whose handles the user holds, which then see them finished
+    /// without a result — and drops its fd handlers' callbacks, its timers
+    /// and pending bottom halves. Afterwards `poll` has nothing to run, new
+    /// work is refused, and an io wait on it fails with an `io::Error`.
+    /// Idempotent. [`IoThread::stop`] calls it.
     ///
-    /// Dropping the last handle on the home thread does the same, but
-    /// handles held by the context's own callbacks or coroutines (a `Timer`
-    /// or `Bh` captured by a detached coroutine) keep it alive: call
-    /// `shutdown` to end such a context deterministically.
+    /// Dropping the last user handle on the home thread does the same. The
+    /// library's own references (the timer of a sleeping coroutine, an fd
+    /// wait) do not count, but user handles held by the context's own
+    /// callbacks or coroutines (an `AioContext`, `Timer`, `Bh` or
+    /// `FdHandler` captured by a coroutine it resumes) keep it alive: that
+    /// is a cycle, and `shutdown` is what breaks it.
     ///
     /// # Panics
     ///

@@ -32,21 +32,44 @@
 //!
 //! # Ownership
 //!
-//! The handles own the coroutine. When the last [`Coroutine`] handle is
-//! dropped while the coroutine is suspended, the coroutine is *unwound*: its
-//! `suspend()` call unwinds (without running the panic hook), destructors on
-//! its stack run, and its stack goes back to the pool. Code running during
-//! that unwind must not suspend (a second `suspend` re-raises the unwind;
-//! one from a destructor aborts). Under `panic = "abort"` the coroutine
-//! cannot be unwound and is leaked with a log line instead; so is a
-//! coroutine dropped once its thread has begun to exit (coroloop's
-//! thread-local destructor has run), because its stack may borrow
-//! thread-locals that are already destroyed (see the crate docs,
-//! "Thread-locals and thread exit").
+//! Each coroutine has one kind of owner at a time:
+//!
+//! 1. **Its handles** (the default). When the last [`Coroutine`] handle is
+//!    dropped while the coroutine is suspended, its *resumer* takes it over
+//!    — its home [`AioContext`](crate::aio::AioContext), or the
+//!    [`CoroutineFuture`](crate::future::CoroutineFuture) it was created
+//!    in — and it runs until it finishes, as a QEMU coroutine does (or a
+//!    detached `std::thread`, or a tokio task whose `JoinHandle` was
+//!    dropped). So the QEMU idiom `Coroutine::new(f).enter()` works: the
+//!    temporary handle goes, the coroutine carries on. A *bare* coroutine
+//!    (created where no context or future existed: nobody else could ever
+//!    enter it) is unwound instead. [`Coroutine::cancel`] unwinds a
+//!    coroutine explicitly.
+//! 2. **A `CoroutineFuture`**, exclusively: dropping the future cancels it
+//!    and every coroutine it resumes, as dropping any future cancels its
+//!    work.
+//! 3. **Its home context**, once [detached](Coroutine::detach), handed over
+//!    by a dropped last handle, or spawned there
+//!    (`AioContext::spawn_coroutine`).
+//!
+//! A context's shutdown (`shutdown()`, `IoThread::stop`, or dropping its
+//! last user handle on its home thread) cancels every coroutine it
+//! resumes, whoever owns it: nothing could resume it afterwards. Its handles
+//! then see it finished without a result.
+//!
+//! *Unwinding* (cancellation) makes the coroutine's `suspend()` unwind
+//! (without running the panic hook): destructors on its stack run, the
+//! waits it was in are left cleanly, and its stack goes back to the pool.
+//! Code running during that unwind must not suspend (a second `suspend`
+//! re-raises the unwind; one from a destructor aborts). Under
+//! `panic = "abort"` the coroutine cannot be unwound and is leaked with a
+//! log line instead; so is a coroutine dropped or cancelled once its thread
+//! has begun to exit, because its stack may borrow thread-locals that are
+//! already destroyed (see the crate docs, "Thread-locals and thread exit").
 //!
 //! A handle dropped while its coroutine runs (for example the coroutine's
-//! only handle cleared from inside it) lets the coroutine continue; it is
-//! unwound when it next suspends, or simply released when it finishes.
+//! only handle cleared from inside it) lets the coroutine continue; when it
+//! next suspends, its resumer takes it over (or, bare, it is unwound).
 //!
 //! # Wake-up list
 //!

@@ -257,7 +257,9 @@ impl<T> Coroutine<T> {
     /// Gives the coroutine to its home context: it runs until it finishes,
     /// as a QEMU coroutine does, without any handle keeping it; shutting
     /// the context down (or [`IoThread::stop`](crate::aio::IoThread::stop))
-    /// unwinds it if it is still suspended.
+    /// unwinds it if it is still suspended. Dropping the last handle of a
+    /// suspended coroutine does the same implicitly; `detach` also hands
+    /// over a coroutine that has not started yet, and says so in the code.
     ///
     /// # Panics
     ///

@@ -121,7 +121,11 @@ fn req_bit(kind: CoReqKind) -> u8 {
 /// * whatever wakes it (a [`Waker`](std::task::Waker) from
 ///   [`Coroutine::waker`], a `CoQueue`, a `CoMutex` hand-off, another
 ///   thread) queues it and wakes the task that polls the future;
-/// * dropping the future unwinds a suspended coroutine (its destructors
+/// * the coroutines created inside it have the future as their resumer:
+///   one whose last handle is dropped while it is suspended is taken over
+///   by the future and runs on while the future is polled;
+/// * dropping the future cancels (unwinds) its coroutine and every
+///   coroutine it resumes, whoever holds their handles (their destructors
 ///   run);
 /// * a panic inside resurfaces from `poll`.
 ///
