@@ -112,30 +112,26 @@ impl Resumer for CtxResumer {
 
 /// The resumer for a coroutine created outside any coroutine on this
 /// thread: the context whose `poll` runs here, else the thread's default.
-pub(crate) fn thread_default_resumer() -> Option<Arc<dyn Resumer>> {
+///
+/// Also returns the context's list of coroutines, which the new coroutine
+/// joins (valid as long as the returned resumer lives).
+pub(crate) fn thread_default_resumer() -> Option<(Arc<dyn Resumer>, *const CoList)> {
     let running = running_inner();
-    if !running.is_null() {
+    let home;
+    let inner = if !running.is_null() {
         // SAFETY: the running loop's `poll` frame is on the current call
         // chain and keeps its context alive (see `AioContext::current`).
-        let inner = unsafe { &*running };
-        if inner.is_dead() {
-            return None; // a shut-down context resumes nothing
-        }
-        return inner
-            .co
-            .resumer
-            .get()
-            .map(|r| r.clone() as Arc<dyn Resumer>);
-    }
-    let inner = home_default()?;
+        unsafe { &*running }
+    } else {
+        home = home_default()?;
+        &*home
+    };
     if inner.is_dead() {
-        return None;
+        return None; // a shut-down context resumes nothing
     }
-    inner
-        .co
-        .resumer
-        .get()
-        .map(|r| r.clone() as Arc<dyn Resumer>)
+    let r = inner.co.resumer.get()?;
+    let list: *const CoList = &r.list;
+    Some((r.clone() as Arc<dyn Resumer>, list))
 }
 
 /// Enters the coroutines queued when the pass started; returns whether any

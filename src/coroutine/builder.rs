@@ -103,10 +103,10 @@ where
     let cur = current::current_ptr();
     if !cur.is_null() {
         inherit_resumer(cur, hr);
-    } else if let Some(r) = crate::aio::thread_default_resumer() {
-        if let Some(list) = r.coroutines() {
-            list.link(hr);
-        }
+    } else if let Some((r, list)) = crate::aio::thread_default_resumer() {
+        // SAFETY: the list lives in the resumer `r`, which stays alive (in
+        // the header) for as long as the coroutine is linked.
+        unsafe { &*list }.link(hr);
         // SAFETY: home-thread field of a header nothing else sees yet.
         unsafe { *hr.resumer.get() = Some(r) };
     }

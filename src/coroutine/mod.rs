@@ -907,7 +907,7 @@ fn resume_refused(h: &Header) -> Event {
     Event::Suspended
 }
 
-#[inline]
+#[inline(always)]
 fn finish(h: &Header, w: NonNull<Worker>) {
     h.state.set(State::Finished);
     h.links.unlink();

@@ -55,12 +55,17 @@ impl Links {
     }
 
     /// Unlinks `self` if it is linked.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn unlink(&self) {
-        let next = self.next.get();
-        if next.is_null() {
-            return;
+        if self.next.get().is_null() {
+            return; // a bare coroutine: the common fast path
         }
+        self.unlink_linked();
+    }
+
+    #[inline(never)]
+    fn unlink_linked(&self) {
+        let next = self.next.get();
         let prev = self.prev.get();
         // SAFETY: neighbours of a linked node are linked nodes or the
         // sentinel of the same list, alive (see `insert_after`).
