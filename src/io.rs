@@ -136,7 +136,9 @@ fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
     let Some(me) = Coroutine::current() else {
         panic!("{api} called outside a coroutine");
     };
-    let Some(ctx) = me.aio_context() else {
+    // The library's own reference: it does not keep the context alive
+    // for its user (see `AioContext::internal`).
+    let Some(ctx) = me.aio_context().map(|c| c.internal()) else {
         return Err(io::Error::other(format!(
             "{api}: the coroutine has no AioContext to watch the fd"
         )));

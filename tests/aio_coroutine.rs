@@ -111,7 +111,7 @@ fn waker_queues_and_never_enters_in_the_caller() {
     assert!(ctx.poll(false));
     assert_eq!(runs.get(), 1);
     assert!(!ctx.poll(false));
-    drop(co); // unwinds it
+    co.cancel(); // unwinds it
     w.wake(); // stale: nothing happens
     assert!(!ctx.poll(false));
 }

@@ -392,7 +392,7 @@ fn unwound_request_is_cancelled_and_its_buffer_left_alone() {
     co.enter();
     ctx.poll(false); // the read goes to the kernel and waits on the pipe
     assert_eq!(ctx.linux_io_uring().unwrap().in_flight(), 1);
-    drop(co); // unwinds: cancel, reap, then the unwind goes on
+    co.cancel(); // unwinds: cancel, reap, then the unwind goes on
     assert_eq!(ctx.linux_io_uring().unwrap().in_flight(), 0);
     wr.write_all(&[0x55; 4096]).unwrap();
     for _ in 0..10 {
@@ -514,9 +514,9 @@ fn linux_aio_request_unwound_in_flight_is_reaped() {
         });
         co.enter();
         if round % 2 == 1 {
-            ctx.poll(false); // submitted: in the kernel when dropped
+            ctx.poll(false); // submitted: in the kernel when cancelled
         }
-        drop(co);
+        co.cancel();
         let aio = ctx.linux_aio().unwrap();
         assert_eq!((aio.in_flight(), aio.queued()), (0, 0), "round {round}");
     }

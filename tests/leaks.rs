@@ -435,10 +435,19 @@ fn fd_handler_callbacks_are_dropped_with_the_handler() {
 
 // ---- coroutines ----
 
-// A suspended coroutine whose last handle is dropped is unwound at once;
-// a detached one suspended forever is unwound when the context goes.
+// A suspended coroutine whose last handle is dropped is taken over by its
+// context (DESIGN.md, "Who owns a coroutine"), as a detached one is; a bare
+// one (no context) is unwound at once; every coroutine the context
+// resumes is unwound when the context goes.
 #[test]
 fn suspended_and_detached_coroutines_are_unwound() {
+    isolated(|| {
+        let drops = Drops::default();
+        let co = Coroutine::new(suspended_forever(drops.counted()));
+        co.enter();
+        drop(co);
+        assert_eq!(drops.get(), 1, "bare: unwound when its last handle went");
+    });
     isolated(|| {
         let ctx = AioContext::new().unwrap();
         let drops = Drops::default();
@@ -446,7 +455,13 @@ fn suspended_and_detached_coroutines_are_unwound() {
         co.enter();
         assert_eq!(drops.get(), 0);
         drop(co);
-        assert_eq!(drops.get(), 1, "unwound when its last handle went");
+        assert_eq!(drops.get(), 0, "its context owns it now");
+        assert_eq!(ctx.detached_count(), 1);
+        let co = Coroutine::new(suspended_forever(drops.counted()));
+        co.enter();
+        co.cancel();
+        assert!(co.is_finished());
+        assert_eq!(drops.get(), 1, "cancel unwinds it");
         for _ in 0..3 {
             let co = Coroutine::new(suspended_forever(drops.counted()));
             co.enter();
@@ -459,12 +474,12 @@ fn suspended_and_detached_coroutines_are_unwound() {
         queued.enter();
         ctx.co_schedule(&queued);
         queued.detach();
-        assert_eq!(ctx.detached_count(), 5);
+        assert_eq!(ctx.detached_count(), 6);
         assert_eq!(drops.get(), 1);
         drop(ctx);
         assert_eq!(
             drops.get(),
-            6,
+            7,
             "the context unwound every coroutine it owned"
         );
     });
@@ -797,12 +812,14 @@ fn survives_its_last_handle(name: &str, body: impl FnOnce(AioContext, Counted) +
     }
 }
 
-// Handles that own a piece of the context (Timer, Bh, LocalBh, FdHandler),
-// and waits that hold one (coroutine::sleep's timer, an fd wait's handler;
-// CoSleep::sleep_for's timer: see coroutine_sleeping_in_sleep_for_is_unwound),
-// keep it alive from inside a detached coroutine: only shutdown() ends such
-// a context (AioContext::shutdown's docs). Wakers, remote handles, Task
-// handles and waits that do not hold the context do not keep it alive.
+// User handles that own a piece of the context (Timer, Bh, LocalBh,
+// FdHandler) keep it alive from inside a detached coroutine: only
+// shutdown() ends such a context (AioContext::shutdown's docs). The
+// library's own references (coroutine::sleep's timer, an fd wait's
+// handler, CoSleep::sleep_for's timer: see
+// coroutine_sleeping_in_sleep_for_is_unwound), wakers, remote handles,
+// Task handles and waits that do not hold the context do not keep it
+// alive (DESIGN.md, "Who owns a coroutine").
 #[test]
 fn what_keeps_a_context_alive_and_shutdown_breaks_the_cycle() {
     isolated(|| {
@@ -860,7 +877,7 @@ fn what_keeps_a_context_alive_and_shutdown_breaks_the_cycle() {
             ),
             (
                 "coroutine::sleep",
-                true,
+                false,
                 Box::new(|ctx, c| {
                     drop(ctx);
                     let _c = c;
@@ -869,7 +886,7 @@ fn what_keeps_a_context_alive_and_shutdown_breaks_the_cycle() {
             ),
             (
                 "io::yield_until_fd_readable",
-                true,
+                false,
                 Box::new(|ctx, c| {
                     drop(ctx);
                     let _c = c;
@@ -937,9 +954,10 @@ fn what_keeps_a_context_alive_and_shutdown_breaks_the_cycle() {
     });
 }
 
-// A coroutine waiting in CoSleep::sleep_for is unwound when its last
-// handle goes; a detached one holds its context (the timer) until
-// shutdown(), which unwinds it.
+// A coroutine waiting in CoSleep::sleep_for whose last handle goes is
+// taken over by its context, and unwound when the context shuts down; the
+// timer is the library's own reference and does not keep the context
+// alive.
 #[test]
 fn coroutine_sleeping_in_sleep_for_is_unwound() {
     isolated(|| {
@@ -952,9 +970,10 @@ fn coroutine_sleeping_in_sleep_for_is_unwound() {
         });
         co.enter();
         drop(co);
-        assert_eq!(drops.get(), 1, "unwound when its last handle went");
+        assert_eq!(drops.get(), 0, "its context owns it now");
         drop(ctx);
-        assert!(survives_its_last_handle("CoSleep::sleep_for", |ctx, c| {
+        assert_eq!(drops.get(), 1, "unwound when the context shut down");
+        assert!(!survives_its_last_handle("CoSleep::sleep_for", |ctx, c| {
             drop(ctx);
             let _c = c;
             CoSleep::new().sleep_for(ClockType::Virtual, Duration::from_secs(3600));
@@ -1025,10 +1044,14 @@ fn populate(ctx: &AioContext, drops: &Drops, ran: &Arc<AtomicUsize>) {
     });
     co.enter();
     co.detach();
-    // A suspended coroutine whose handle is dropped (unwound right away).
+    // A suspended coroutine whose handle is dropped (its context takes it
+    // over) and one cancelled (unwound right away).
     let co = Coroutine::new(suspended_forever(drops.counted()));
     co.enter();
     drop(co);
+    let co = Coroutine::new(suspended_forever(drops.counted()));
+    co.enter();
+    co.cancel();
     // Queued tasks.
     let (c, r) = (drops.counted(), ran.clone());
     ctx.spawn(async move {

@@ -990,14 +990,22 @@ fn an_fd_handler_added_after_shutdown_does_not_run() {
 }
 
 #[test]
-fn a_coroutine_scheduled_after_shutdown_is_not_entered() {
+fn shutdown_cancels_the_coroutines_it_resumes_and_schedules_after_it_do_nothing() {
     let ctx = AioContext::new().unwrap();
-    let co = Coroutine::new(coroutine::suspend);
+    let co = Coroutine::new(|| {
+        coroutine::suspend();
+        7
+    });
     co.enter();
     ctx.shutdown();
+    // Its resumer is gone: nothing could resume it, so it was unwound.
+    assert!(co.is_finished());
+    assert_eq!(co.take_result(), None, "finished without a result");
     ctx.co_schedule(&co);
     assert!(!ctx.poll(false), "poll has nothing to run after shutdown");
-    assert!(!co.is_finished());
+    // A coroutine created afterwards has no resumer (the context is dead).
+    let late = Coroutine::new(|| ());
+    assert!(late.aio_context().is_none());
 }
 
 #[test]

@@ -1190,7 +1190,7 @@ fn stale_handles_never_resume_recycled_coroutines() {
                 co.enter(); // returns
                 finished_handles.push(co.erase());
             }
-            1 => drop(co), // unwound
+            1 => co.cancel(), // unwound
             _ => {
                 let r = co.remote();
                 co.detach();

@@ -9,7 +9,9 @@ use std::sync::{Arc, OnceLock, Weak};
 use concurrent_queue::ConcurrentQueue;
 
 use super::{home_default, running_inner, AioContext, Inner};
-use crate::coroutine::{enter_request, CoReqKind, Coroutine, Erased, RemoteRef, Request, Resumer};
+use crate::coroutine::{
+    enter_request, CoList, CoReqKind, Coroutine, Erased, RemoteRef, Request, Resumer,
+};
 
 pub(crate) struct CoQueue {
     /// Requests from other threads.
@@ -31,7 +33,13 @@ impl CoQueue {
     pub(crate) fn set_resumer(&self, inner: &Arc<Inner>) {
         let _ = self.resumer.set(Arc::new(CtxResumer {
             inner: Arc::downgrade(inner),
+            list: CoList::new(),
         }));
+    }
+
+    /// The coroutines the context resumes (home thread only).
+    pub(crate) fn coroutines(&self) -> &CoList {
+        &self.resumer.get().expect("set at creation").list
     }
 
     /// Home thread only (reads the local queue).
@@ -53,6 +61,8 @@ impl CoQueue {
 /// (detached ones included) never keep their context alive.
 pub(crate) struct CtxResumer {
     inner: Weak<Inner>,
+    /// Every coroutine this context resumes, cancelled by its shutdown.
+    list: CoList,
 }
 
 impl Resumer for CtxResumer {
@@ -74,6 +84,22 @@ impl Resumer for CtxResumer {
         self.inner.upgrade().map(AioContext::from_inner)
     }
 
+    fn coroutines(&self) -> Option<&CoList> {
+        Some(&self.list)
+    }
+
+    fn adopt(&self, co: Coroutine<Erased>) -> Result<(), Coroutine<Erased>> {
+        match self.inner.upgrade() {
+            Some(inner) if !inner.is_dead() && inner.is_home() => {
+                let addr = co.header_addr();
+                let prev = inner.local().detached.borrow_mut().insert(addr, co);
+                drop(prev);
+                Ok(())
+            }
+            _ => Err(co),
+        }
+    }
+
     fn detached_finished(&self, addr: usize) {
         if let Some(inner) = self.inner.upgrade() {
             let ctx = AioContext::from_inner(inner);
@@ -86,24 +112,26 @@ impl Resumer for CtxResumer {
 
 /// The resumer for a coroutine created outside any coroutine on this
 /// thread: the context whose `poll` runs here, else the thread's default.
-pub(crate) fn thread_default_resumer() -> Option<Arc<dyn Resumer>> {
+///
+/// Also returns the context's list of coroutines, which the new coroutine
+/// joins (valid as long as the returned resumer lives).
+pub(crate) fn thread_default_resumer() -> Option<(Arc<dyn Resumer>, *const CoList)> {
     let running = running_inner();
-    if !running.is_null() {
+    let home;
+    let inner = if !running.is_null() {
         // SAFETY: the running loop's `poll` frame is on the current call
         // chain and keeps its context alive (see `AioContext::current`).
-        let inner = unsafe { &*running };
-        return inner
-            .co
-            .resumer
-            .get()
-            .map(|r| r.clone() as Arc<dyn Resumer>);
+        unsafe { &*running }
+    } else {
+        home = home_default()?;
+        &*home
+    };
+    if inner.is_dead() {
+        return None; // a shut-down context resumes nothing
     }
-    let inner = home_default()?;
-    inner
-        .co
-        .resumer
-        .get()
-        .map(|r| r.clone() as Arc<dyn Resumer>)
+    let r = inner.co.resumer.get()?;
+    let list: *const CoList = &r.list;
+    Some((r.clone() as Arc<dyn Resumer>, list))
 }
 
 /// Enters the coroutines queued when the pass started; returns whether any

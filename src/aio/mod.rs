@@ -142,19 +142,42 @@ pub(crate) fn thread_serial() -> u64 {
 /// ```
 pub struct AioContext {
     pub(crate) inner: Arc<Inner>,
+    /// Whether this handle counts as a user handle (`Inner::handles`).
+    /// The library's own references to a context (the timer of a sleeping
+    /// coroutine, an fd wait) do not: a context that no user handle can
+    /// reach any more shuts down instead of keeping its coroutines waiting
+    /// unpolled forever (DESIGN.md, "Who owns a coroutine").
+    counted: bool,
 }
 
 impl AioContext {
-    /// A new handle (counted in `handles`).
+    /// A new user handle (counted in `handles`).
     pub(crate) fn from_inner(inner: Arc<Inner>) -> AioContext {
         inner.handles.fetch_add(1, Ordering::Relaxed);
-        AioContext { inner }
+        AioContext {
+            inner,
+            counted: true,
+        }
+    }
+
+    /// A handle for the library's own use, which does not keep the
+    /// context from shutting down when the last user handle goes (it keeps
+    /// only its memory). Its clones are internal too.
+    pub(crate) fn internal(&self) -> AioContext {
+        AioContext {
+            inner: self.inner.clone(),
+            counted: false,
+        }
     }
 }
 
 impl Clone for AioContext {
     fn clone(&self) -> AioContext {
-        AioContext::from_inner(self.inner.clone())
+        if self.counted {
+            AioContext::from_inner(self.inner.clone())
+        } else {
+            self.internal()
+        }
     }
 }
 
@@ -164,7 +187,8 @@ impl Drop for AioContext {
     /// thread briefly holds the context (a wake or a completion in flight)
     /// and would otherwise drop it last, off its home thread.
     fn drop(&mut self) {
-        if self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1
+        if self.counted
+            && self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1
             && self.inner.is_home()
             && !self.inner.is_dead()
         {
@@ -890,15 +914,21 @@ impl AioContext {
             .get_or_init(|| ThreadPool::new(Arc::downgrade(&self.inner)))
     }
 
-    /// Tears the context down on its home thread: unwinds the coroutines it
-    /// owns ([`Coroutine::detach`]), drops its fd handlers' callbacks, its
-    /// timers and pending bottom halves. Afterwards `poll` has nothing to
-    /// run and new work is dropped. Idempotent. [`IoThread::stop`] calls it.
+    /// Tears the context down on its home thread: cancels (unwinds) every
+    /// coroutine it resumes, whoever owns it — those it owns
+    /// ([`Coroutine::detach`], dropped last handles, `spawn_coroutine`) and
+    /// those whose handles the user holds, which then see them finished
+    /// without a result — and drops its fd handlers' callbacks, its timers
+    /// and pending bottom halves. Afterwards `poll` has nothing to run, new
+    /// work is refused, and an io wait on it fails with an `io::Error`.
+    /// Idempotent. [`IoThread::stop`] calls it.
     ///
-    /// Dropping the last handle on the home thread does the same, but
-    /// handles held by the context's own callbacks or coroutines (a `Timer`
-    /// or `Bh` captured by a detached coroutine) keep it alive: call
-    /// `shutdown` to end such a context deterministically.
+    /// Dropping the last user handle on the home thread does the same. The
+    /// library's own references (the timer of a sleeping coroutine, an fd
+    /// wait) do not count, but user handles held by the context's own
+    /// callbacks or coroutines (an `AioContext`, `Timer`, `Bh` or
+    /// `FdHandler` captured by a coroutine it resumes) keep it alive: that
+    /// is a cycle, and `shutdown` is what breaks it.
     ///
     /// # Panics
     ///
@@ -921,6 +951,12 @@ impl AioContext {
         // in refuses a dead context (`Timers` is closed by `clear`).
         let mut panics = Panics::new("AioContext::shutdown");
         // Coroutines first: their unwinding may still use the context.
+        // Every coroutine the context resumes is cancelled, whoever owns
+        // it (DESIGN.md, "Who owns a coroutine"): nothing could resume it
+        // once the context is gone. Those it owns are then released.
+        if let Some(p) = self.inner.co.coroutines().cancel_all() {
+            panics.keep(p);
+        }
         loop {
             let owned: Vec<_> = local
                 .detached

@@ -103,7 +103,10 @@ where
     let cur = current::current_ptr();
     if !cur.is_null() {
         inherit_resumer(cur, hr);
-    } else if let Some(r) = crate::aio::thread_default_resumer() {
+    } else if let Some((r, list)) = crate::aio::thread_default_resumer() {
+        // SAFETY: the list lives in the resumer `r`, which stays alive (in
+        // the header) for as long as the coroutine is linked.
+        unsafe { &*list }.link(hr);
         // SAFETY: home-thread field of a header nothing else sees yet.
         unsafe { *hr.resumer.get() = Some(r) };
     }
@@ -117,6 +120,9 @@ fn inherit_resumer(cur: *const Header, h: &Header) {
     // home-thread field and no reference into it is live.
     unsafe {
         if let Some(r) = &*(*cur).resumer.get() {
+            if let Some(list) = r.coroutines() {
+                list.link(h);
+            }
             *h.resumer.get() = Some(r.clone());
             h.ask_resumer.set((*cur).ask_resumer.get());
         }

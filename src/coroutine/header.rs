@@ -174,6 +174,19 @@ pub(crate) trait Resumer: Send + Sync {
     /// A detached coroutine (owned by this resumer) finished: release it.
     /// Called on the home thread from the enter loop.
     fn detached_finished(&self, _addr: usize) {}
+    /// The coroutines this resumer resumes (home thread only).
+    fn coroutines(&self) -> Option<&super::registry::CoList> {
+        None
+    }
+    /// Takes ownership of a suspended coroutine whose last handle went
+    /// (DESIGN.md, "Who owns a coroutine", item 1), or gives it back if
+    /// this resumer has ended. Home thread only.
+    fn adopt(
+        &self,
+        co: super::Coroutine<super::Erased>,
+    ) -> Result<(), super::Coroutine<super::Erased>> {
+        Err(co)
+    }
     /// Whether a wake on the home thread may enter the coroutine at once
     /// (or through a wake-up list) instead of queueing it here. Asked only
     /// for headers with `ask_resumer` set.
@@ -342,6 +355,9 @@ pub(crate) struct Header {
     /// so the signal handler need not format anything.
     pub(crate) overflow_msg: UnsafeCell<Option<Box<[u8]>>>,
     pub(crate) resumer: UnsafeCell<Option<std::sync::Arc<dyn Resumer>>>,
+    /// Link in the list of the coroutines its resumer resumes (see
+    /// `registry.rs`); unlinked when it finishes.
+    pub(crate) links: super::registry::Links,
     /// The innermost event loop whose `poll` runs on this coroutine's own
     /// stack (null if none); see `current.rs`.
     pub(crate) own_loop: Cell<*const ()>,
@@ -394,13 +410,18 @@ impl Header {
             name: UnsafeCell::new(None),
             overflow_msg: UnsafeCell::new(None),
             resumer: UnsafeCell::new(None),
+            links: super::registry::Links::new(),
             own_loop: Cell::new(ptr::null()),
             caller: Cell::new(ptr::null()),
             entered_panicking: Cell::new(false),
             generation: AtomicU64::new(0),
             remote: RemoteCount::new(),
         });
-        NonNull::from(Box::leak(h))
+        let p = NonNull::from(Box::leak(h));
+        // SAFETY: just allocated; the node records its header for the
+        // resumer's list walks.
+        unsafe { p.as_ref() }.links.set_owner(p.as_ptr());
+        p
     }
 
     /// Prepares a pooled (or new) header for a coroutine running `f`.

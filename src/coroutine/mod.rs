@@ -32,21 +32,44 @@
 //!
 //! # Ownership
 //!
-//! The handles own the coroutine. When the last [`Coroutine`] handle is
-//! dropped while the coroutine is suspended, the coroutine is *unwound*: its
-//! `suspend()` call unwinds (without running the panic hook), destructors on
-//! its stack run, and its stack goes back to the pool. Code running during
-//! that unwind must not suspend (a second `suspend` re-raises the unwind;
-//! one from a destructor aborts). Under `panic = "abort"` the coroutine
-//! cannot be unwound and is leaked with a log line instead; so is a
-//! coroutine dropped once its thread has begun to exit (coroloop's
-//! thread-local destructor has run), because its stack may borrow
-//! thread-locals that are already destroyed (see the crate docs,
-//! "Thread-locals and thread exit").
+//! Each coroutine has one kind of owner at a time:
+//!
+//! 1. **Its handles** (the default). When the last [`Coroutine`] handle is
+//!    dropped while the coroutine is suspended, its *resumer* takes it over
+//!    — its home [`AioContext`](crate::aio::AioContext), or the
+//!    [`CoroutineFuture`](crate::future::CoroutineFuture) it was created
+//!    in — and it runs until it finishes, as a QEMU coroutine does (or a
+//!    detached `std::thread`, or a tokio task whose `JoinHandle` was
+//!    dropped). So the QEMU idiom `Coroutine::new(f).enter()` works: the
+//!    temporary handle goes, the coroutine carries on. A *bare* coroutine
+//!    (created where no context or future existed: nobody else could ever
+//!    enter it) is unwound instead. [`Coroutine::cancel`] unwinds a
+//!    coroutine explicitly.
+//! 2. **A `CoroutineFuture`**, exclusively: dropping the future cancels it
+//!    and every coroutine it resumes, as dropping any future cancels its
+//!    work.
+//! 3. **Its home context**, once [detached](Coroutine::detach), handed over
+//!    by a dropped last handle, or spawned there
+//!    (`AioContext::spawn_coroutine`).
+//!
+//! A context's shutdown (`shutdown()`, `IoThread::stop`, or dropping its
+//! last user handle on its home thread) cancels every coroutine it
+//! resumes, whoever owns it: nothing could resume it afterwards. Its handles
+//! then see it finished without a result.
+//!
+//! *Unwinding* (cancellation) makes the coroutine's `suspend()` unwind
+//! (without running the panic hook): destructors on its stack run, the
+//! waits it was in are left cleanly, and its stack goes back to the pool.
+//! Code running during that unwind must not suspend (a second `suspend`
+//! re-raises the unwind; one from a destructor aborts). Under
+//! `panic = "abort"` the coroutine cannot be unwound and is leaked with a
+//! log line instead; so is a coroutine dropped or cancelled once its thread
+//! has begun to exit, because its stack may borrow thread-locals that are
+//! already destroyed (see the crate docs, "Thread-locals and thread exit").
 //!
 //! A handle dropped while its coroutine runs (for example the coroutine's
-//! only handle cleared from inside it) lets the coroutine continue; it is
-//! unwound when it next suspends, or simply released when it finishes.
+//! only handle cleared from inside it) lets the coroutine continue; when it
+//! next suspends, its resumer takes it over (or, bare, it is unwound).
 //!
 //! # Wake-up list
 //!
@@ -81,6 +104,7 @@ mod current;
 mod header;
 mod overflow;
 mod pool;
+mod registry;
 mod remote;
 mod stack;
 mod teardown;
@@ -107,6 +131,7 @@ use pool::{Cancelled, Cmd, Event, Worker};
 
 pub(crate) use current::{pop_loop, push_loop, running_loop};
 pub(crate) use header::{CoReqKind, Resumer};
+pub(crate) use registry::CoList;
 pub(crate) use teardown::{
     begin_thread_teardown, set_thread_teardown_hook, thread_tearing_down, TeardownOnDrop,
 };
@@ -313,6 +338,53 @@ impl<T> Coroutine<T> {
     #[doc(alias = "aio_co_enter")]
     pub fn wake(&self) {
         wake_header(self.header());
+    }
+
+    /// Cancels the coroutine: a suspended one is unwound now (its
+    /// `suspend()` unwinds, destructors on its stack run; any wait it was
+    /// in is left cleanly), one never entered is dropped without running,
+    /// and one on this thread's call chain (running, or waiting for a
+    /// coroutine it entered) unwinds when it next suspends. Afterwards it
+    /// is finished without a result. Cancelling a finished coroutine does
+    /// nothing.
+    ///
+    /// Dropping the last handle does *not* cancel a coroutine that has a
+    /// resumer: its context (or `CoroutineFuture`) takes it over and it
+    /// runs to completion (see [Ownership](self#ownership)).
+    ///
+    /// # Panics
+    ///
+    /// With the panic of a destructor run by the unwind.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use coroloop::{coroutine, Coroutine};
+    /// use std::{cell::Cell, rc::Rc};
+    ///
+    /// struct Guard(Rc<Cell<bool>>);
+    /// impl Drop for Guard {
+    ///     fn drop(&mut self) {
+    ///         self.0.set(true);
+    ///     }
+    /// }
+    /// let dropped = Rc::new(Cell::new(false));
+    /// let d = dropped.clone();
+    /// let co = Coroutine::new(move || {
+    ///     let _g = Guard(d);
+    ///     coroutine::suspend();
+    ///     unreachable!("cancelled while suspended");
+    /// });
+    /// co.enter();
+    /// co.cancel();
+    /// assert!(co.is_finished() && dropped.get());
+    /// ```
+    #[track_caller]
+    pub fn cancel(&self) {
+        let h = self.header();
+        if let Some(p) = cancel_header(h) {
+            resume_unwind(p);
+        }
     }
 
     /// Whether the coroutine is on this thread's call chain: running, or
@@ -560,34 +632,101 @@ fn drop_last_handle(h: &Header) {
 /// Handles the last strong handle going away.
 fn release_owner(h: &Header) {
     match h.state.get() {
-        State::Fresh => {
-            h.clear_payload();
-            if let Some(w) = h.worker.take() {
-                h.state.set(State::Finished);
-                h.bump_generation();
-                // SAFETY: the worker never ran this job, so it is idle.
-                unsafe { pool::release_worker(w) };
-            }
-        }
+        State::Fresh => discard_fresh(h),
         State::Suspended => {
-            if let Some(cmd) = unwind_cmd(h) {
-                // The caller (`Drop`) holds a weak count on `h`.
-                if let Some(p) = run_loop(h, cmd) {
-                    if std::thread::panicking() {
-                        log::error!(
-                            "coroloop: a coroutine panicked while being unwound during a panic; \
-                             its panic is dropped"
-                        );
-                    } else {
-                        resume_unwind(p);
-                    }
+            // DESIGN.md, "Who owns a coroutine", item 1: its resumer (home
+            // context or `CoroutineFuture`) takes it over and it runs on;
+            // a bare coroutine, which nobody else could enter, is unwound.
+            if hand_to_resumer(h) {
+                return;
+            }
+            // The caller (`Drop`) holds a weak count on `h`.
+            if let Some(p) = unwind_now(h) {
+                if std::thread::panicking() {
+                    log::error!(
+                        "coroloop: a coroutine panicked while being unwound during a panic; \
+                         its panic is dropped"
+                    );
+                } else {
+                    resume_unwind(p);
                 }
             }
         }
-        // Orphaned while running: the enter loop unwinds it at its next
-        // suspension or releases it when it finishes.
+        // Orphaned while running: when it next suspends, the enter loop
+        // hands it to its resumer (or unwinds it); or it just finishes.
         State::Running => {}
         State::Finished => h.clear_payload(),
+    }
+}
+
+/// Ends a coroutine that never ran: its closure is dropped, its handles
+/// see it finished without a result.
+fn discard_fresh(h: &Header) {
+    h.clear_payload();
+    if let Some(w) = h.worker.take() {
+        h.state.set(State::Finished);
+        h.links.unlink();
+        h.bump_generation();
+        // SAFETY: the worker never ran this job, so it is idle.
+        unsafe { pool::release_worker(w) };
+    }
+}
+
+/// Gives a suspended coroutine without handles to its resumer; returns
+/// whether the resumer took it. Not during the thread's teardown (the
+/// coroutine is leaked then, see `unwind_cmd`).
+fn hand_to_resumer(h: &Header) -> bool {
+    if teardown::thread_tearing_down() || h.cancelling.get() {
+        return false;
+    }
+    // SAFETY: home-thread field; the clone ends the borrow before calling.
+    let Some(r) = (unsafe { (*h.resumer.get()).clone() }) else {
+        return false;
+    };
+    h.strong.set(h.strong.get() + 1);
+    // SAFETY: we took a strong count for the owning handle.
+    let owner = unsafe { Coroutine::<Erased>::from_header(NonNull::from(h)) };
+    h.detached.set(true);
+    match r.adopt(owner) {
+        Ok(()) => true,
+        Err(owner) => {
+            h.detached.set(false);
+            // Back to no handle (without running `Drop`, which would come
+            // back here); the caller unwinds it.
+            std::mem::forget(owner);
+            h.strong.set(h.strong.get() - 1);
+            false
+        }
+    }
+}
+
+/// Unwinds a suspended coroutine now (or leaks it where it cannot be
+/// unwound); returns its panic. The caller keeps `h` alive.
+fn unwind_now(h: &Header) -> Option<Box<dyn Any + Send>> {
+    let cmd = unwind_cmd(h)?;
+    run_loop(h, cmd)
+}
+
+/// Cancels one coroutine for a resumer that ends (`CoList::cancel_all`):
+/// a suspended one is unwound (or leaked, see `unwind_cmd`), a fresh one
+/// discarded, one on the call chain unwinds at its next suspension.
+pub(crate) fn cancel_header(h: &Header) -> Option<Box<dyn Any + Send>> {
+    match h.state.get() {
+        State::Fresh => {
+            discard_fresh(h);
+            None
+        }
+        State::Suspended => {
+            let hold = WeakRef::new(h);
+            let p = unwind_now(h);
+            drop(hold);
+            p
+        }
+        State::Running => {
+            h.cancelling.set(true);
+            None
+        }
+        State::Finished => None,
     }
 }
 
@@ -615,6 +754,7 @@ fn unwind_cmd(h: &Header) -> Option<Cmd> {
         // The worker (and its mapped stack) is leaked on purpose.
         let _ = h.worker.take();
         h.state.set(State::Finished);
+        h.links.unlink();
         h.bump_generation();
         None
     } else {
@@ -709,7 +849,11 @@ fn run_one(h: &Header, from: *const Header, mut cmd: Cmd, panic: &mut Option<Box
             }
         }
         if h.state.get() == State::Suspended && h.strong.get() == 0 {
-            // Its last handle went away while it ran: unwind it now.
+            // Its last handle went away while it ran: its resumer takes it
+            // over, or (bare, or cancelled) it is unwound now.
+            if hand_to_resumer(h) {
+                return;
+            }
             if let Some(c) = unwind_cmd(h) {
                 cmd = c;
                 continue;
@@ -763,9 +907,10 @@ fn resume_refused(h: &Header) -> Event {
     Event::Suspended
 }
 
-#[inline]
+#[inline(always)]
 fn finish(h: &Header, w: NonNull<Worker>) {
     h.state.set(State::Finished);
+    h.links.unlink();
     h.worker.set(None);
     h.cancelling.set(false);
     h.bump_generation();

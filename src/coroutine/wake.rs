@@ -213,6 +213,13 @@ impl<T> Coroutine<T> {
     /// inside it); `ask`: home-thread wakes ask `r` before entering.
     pub(crate) fn set_resumer(&self, r: Arc<dyn Resumer>, ask: bool) {
         let h = self.header();
+        // It leaves the old resumer's list for the new one's.
+        h.links.unlink();
+        if h.state.get() != super::State::Finished {
+            if let Some(list) = r.coroutines() {
+                list.link(h);
+            }
+        }
         // SAFETY: home-thread field (handles are !Send); no reference into
         // it is live.
         unsafe { *h.resumer.get() = Some(r) };
@@ -250,7 +257,9 @@ impl<T> Coroutine<T> {
     /// Gives the coroutine to its home context: it runs until it finishes,
     /// as a QEMU coroutine does, without any handle keeping it; shutting
     /// the context down (or [`IoThread::stop`](crate::aio::IoThread::stop))
-    /// unwinds it if it is still suspended.
+    /// unwinds it if it is still suspended. Dropping the last handle of a
+    /// suspended coroutine does the same implicitly; `detach` also hands
+    /// over a coroutine that has not started yet, and says so in the code.
     ///
     /// # Panics
     ///
@@ -307,7 +316,7 @@ pub fn sleep(d: Duration) {
         Some(co) => co,
         None => panic!("coroutine::sleep() called outside a coroutine"),
     };
-    let Some(ctx) = co.aio_context() else {
+    let Some(ctx) = co.aio_context().map(|c| c.internal()) else {
         panic!("coroutine::sleep(): the coroutine has no AioContext for its timer");
     };
     let fired = std::rc::Rc::new(std::cell::Cell::new(false));
@@ -373,6 +382,9 @@ pub unsafe fn reschedule_self(ctx: &AioContext) {
         // SAFETY: home-thread field, on the home thread, with the
         // coroutine suspended; the caller guarantees no handle uses it.
         unsafe { *h.resumer.get() = Some(res.clone()) };
+        // It leaves the old context's list of coroutines here; it joins the
+        // new one's on the new home thread, below.
+        h.links.unlink();
         let _ = h.scheduled.claim();
         let owned = if h.detached.get() {
             old2.disown(h as *const Header as usize)
@@ -380,18 +392,20 @@ pub unsafe fn reschedule_self(ctx: &AioContext) {
         } else {
             None
         };
-        match owned {
-            None => res.queue(r, CoReqKind::Schedule),
-            Some(owner) => {
-                let target = new_ctx.clone();
-                new_ctx.bh_schedule_oneshot(move || {
-                    // SAFETY: `owner` came from `disown` on the old home
-                    // thread; we are on the new home thread now.
-                    target.adopt(unsafe { owner.into_coroutine() });
-                    res.queue(r, CoReqKind::Schedule);
-                });
+        let target = new_ctx.clone();
+        new_ctx.bh_schedule_oneshot(move || {
+            if let Some(list) = res.coroutines() {
+                // On the new home thread; the caller guarantees nothing
+                // else uses the coroutine meanwhile.
+                list.link(r.header());
             }
-        }
+            if let Some(owner) = owned {
+                // SAFETY: `owner` came from `disown` on the old home
+                // thread; we are on the new home thread now.
+                target.adopt(unsafe { owner.into_coroutine() });
+            }
+            res.queue(r, CoReqKind::Schedule);
+        });
     });
     suspend();
 }

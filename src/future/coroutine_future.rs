@@ -12,7 +12,9 @@ use atomic_waker::AtomicWaker;
 use concurrent_queue::ConcurrentQueue;
 
 use crate::aio::{AioContext, Inner};
-use crate::coroutine::{self, enter_request, CoReqKind, Coroutine, RemoteRef, Request, Resumer};
+use crate::coroutine::{
+    self, enter_request, CoList, CoReqKind, Coroutine, Erased, RemoteRef, Request, Resumer,
+};
 
 /// The resumer of a `CoroutineFuture`: a queue that any thread may push
 /// to, and the task waker of whoever polls the future.
@@ -30,7 +32,21 @@ pub(crate) struct FutureResumer {
     /// The context current when the future was created: its timers, fd
     /// handlers and thread pool serve the coroutines inside.
     ctx: Option<Weak<Inner>>,
+    /// Every coroutine the future resumes: cancelled when it is dropped.
+    list: CoList,
+    /// The coroutines it owns: created inside it, their last handle gone.
+    owned: Owned,
 }
+
+/// Coroutines owned by a `CoroutineFuture`'s resumer.
+struct Owned(std::cell::RefCell<Vec<Coroutine<Erased>>>);
+
+// SAFETY: only touched on the future's home thread (the future is !Send;
+// `adopt` and `detached_finished` run on the home thread of the
+// coroutines, which is the future's), like the coroutines' own fields.
+unsafe impl Send for Owned {}
+// SAFETY: as above.
+unsafe impl Sync for Owned {}
 
 impl Resumer for FutureResumer {
     fn queue(&self, co: RemoteRef, kind: CoReqKind) {
@@ -48,6 +64,30 @@ impl Resumer for FutureResumer {
             .as_ref()
             .and_then(Weak::upgrade)
             .map(AioContext::from_inner)
+    }
+
+    fn coroutines(&self) -> Option<&CoList> {
+        Some(&self.list)
+    }
+
+    fn adopt(&self, co: Coroutine<Erased>) -> Result<(), Coroutine<Erased>> {
+        if self.list.is_closed() {
+            return Err(co);
+        }
+        self.owned.0.borrow_mut().push(co);
+        Ok(())
+    }
+
+    fn detached_finished(&self, addr: usize) {
+        let co = {
+            let mut owned = self.owned.0.borrow_mut();
+            owned
+                .iter()
+                .position(|c| c.header_addr() == addr)
+                .map(|i| owned.swap_remove(i))
+        };
+        // Dropped after the borrow ends: the handle's drop may run code.
+        drop(co);
     }
 
     fn admits_direct_entry(&self) -> bool {
@@ -81,7 +121,11 @@ fn req_bit(kind: CoReqKind) -> u8 {
 /// * whatever wakes it (a [`Waker`](std::task::Waker) from
 ///   [`Coroutine::waker`], a `CoQueue`, a `CoMutex` hand-off, another
 ///   thread) queues it and wakes the task that polls the future;
-/// * dropping the future unwinds a suspended coroutine (its destructors
+/// * the coroutines created inside it have the future as their resumer:
+///   one whose last handle is dropped while it is suspended is taken over
+///   by the future and runs on while the future is polled;
+/// * dropping the future cancels (unwinds) its coroutine and every
+///   coroutine it resumes, whoever holds their handles (their destructors
 ///   run);
 /// * a panic inside resurfaces from `poll`.
 ///
@@ -154,6 +198,8 @@ impl<T: 'static> CoroutineFuture<T> {
             waker: AtomicWaker::new(),
             polling: AtomicBool::new(false),
             ctx: AioContext::current().map(|c| Arc::downgrade(&c.inner)),
+            list: CoList::new(),
+            owned: Owned(Default::default()),
         });
         let r2 = res.clone();
         let co = builder.spawn(move || {
@@ -256,6 +302,27 @@ impl<T: 'static> Future for CoroutineFuture<T> {
             }
         } else {
             Poll::Pending
+        }
+    }
+}
+
+impl<T> Drop for CoroutineFuture<T> {
+    /// Cancels the coroutine and every coroutine the future resumes (the
+    /// ones created inside it), whoever owns them: nothing could resume
+    /// them once the future is gone. Their destructors run here.
+    fn drop(&mut self) {
+        let panic = self.res.list.cancel_all();
+        let owned = std::mem::take(&mut *self.res.owned.0.borrow_mut());
+        drop(owned);
+        if let Some(p) = panic {
+            if std::thread::panicking() {
+                log::error!(
+                    "coroloop: a coroutine panicked while a CoroutineFuture was dropped during \
+                     a panic; its panic is dropped"
+                );
+            } else {
+                std::panic::resume_unwind(p);
+            }
         }
     }
 }

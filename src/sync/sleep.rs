@@ -89,7 +89,7 @@ impl CoSleep {
         let Some(me) = crate::Coroutine::current() else {
             panic!("CoSleep::sleep_for called outside a coroutine");
         };
-        let Some(ctx) = me.aio_context() else {
+        let Some(ctx) = me.aio_context().map(|c| c.internal()) else {
             panic!("CoSleep::sleep_for: the coroutine has no AioContext for its timer");
         };
         // A handle held across the sleep would keep the coroutine alive
