@@ -116,7 +116,7 @@
 //!
 //! | QEMU | coroloop |
 //! |---|---|
-//! | `qemu_coroutine_create` | [`Coroutine::new`], [`coroutine::Builder`] (name, stack size, fallible `spawn`) |
+//! | `qemu_coroutine_create` | [`Coroutine::new`], [`coroutine::Builder`] (name, stack size; [`build`](coroutine::Builder::build) creates without running, fallible → `io::Result`) |
 //! | `qemu_coroutine_enter` / `_enter_if_inactive` | [`Coroutine::enter`] / [`Coroutine::enter_if_inactive`] |
 //! | `aio_co_wake` on the home thread (no AioContext yet) | [`Coroutine::wake`] (the wake-up list, QEMU's `co_queue_wakeup`) |
 //! | `qemu_coroutine_yield` | [`coroutine::suspend`] |

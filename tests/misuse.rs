@@ -693,11 +693,11 @@ fn decreasing_the_pool_below_zero_panics() {
 fn an_impossible_stack_size_is_an_error_not_a_panic() {
     let err = coroutine::Builder::new()
         .stack_size(1 << 46) // 64 TiB
-        .spawn(|| ())
+        .build(|| ())
         .unwrap_err();
     assert!(
         err.to_string()
-            .starts_with("cannot map a coroutine stack of"),
+            .starts_with("coroutine::Builder::build: cannot map a coroutine stack of"),
         "{err}"
     );
     still_usable();

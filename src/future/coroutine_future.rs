@@ -126,7 +126,7 @@ impl<T: 'static> CoroutineFuture<T> {
     ///
     /// # Panics
     ///
-    /// If no stack can be mapped (see [`coroutine::Builder::spawn`]).
+    /// If no stack can be mapped (see [`coroutine::Builder::build`]).
     #[track_caller]
     pub fn new<F>(f: F) -> CoroutineFuture<T>
     where
@@ -142,7 +142,7 @@ impl<T: 'static> CoroutineFuture<T> {
     ///
     /// # Errors
     ///
-    /// As [`coroutine::Builder::spawn`].
+    /// As [`coroutine::Builder::build`].
     pub fn with_builder<F>(builder: coroutine::Builder, f: F) -> io::Result<CoroutineFuture<T>>
     where
         F: FnOnce() -> T + 'static,
@@ -156,7 +156,7 @@ impl<T: 'static> CoroutineFuture<T> {
             ctx: AioContext::current().map(|c| Arc::downgrade(&c.inner)),
         });
         let r2 = res.clone();
-        let co = builder.spawn(move || {
+        let co = builder.build(move || {
             // However it ends (returned, panicked, unwound) and whoever
             // entered it last, the task learns about it.
             struct WakeOnExit(Arc<FutureResumer>);
