@@ -49,7 +49,7 @@ fn main() {
     let flag = DropFlag(dropped.clone());
     let co = coroutine::Builder::new()
         .name("held")
-        .spawn(move || {
+        .build(move || {
             let _flag = flag;
             coroutine::suspend();
         })

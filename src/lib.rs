@@ -116,7 +116,7 @@
 //!
 //! | QEMU | coroloop |
 //! |---|---|
-//! | `qemu_coroutine_create` | [`Coroutine::new`], [`coroutine::Builder`] (name, stack size, fallible `spawn`) |
+//! | `qemu_coroutine_create` | [`Coroutine::new`], [`coroutine::Builder`] (name, stack size; [`build`](coroutine::Builder::build) creates without running, fallible → `io::Result`) |
 //! | `qemu_coroutine_enter` / `_enter_if_inactive` | [`Coroutine::enter`] / [`Coroutine::enter_if_inactive`] |
 //! | `aio_co_wake` on the home thread (no AioContext yet) | [`Coroutine::wake`] (the wake-up list, QEMU's `co_queue_wakeup`) |
 //! | `qemu_coroutine_yield` | [`coroutine::suspend`] |
@@ -159,7 +159,7 @@
 //! | a future awaited in a coroutine (QEMU's Rust bindings: the waker calls `aio_co_wake`) | [`future::await_future`] |
 //! | a coroutine as a future | [`future::CoroutineFuture`] |
 //! | running a loop until a condition, from async code | [`aio::AioContext::block_on`] |
-//! | tasks on the loop | [`aio::AioContext::spawn`], [`spawn_local`](aio::AioContext::spawn_local), [`spawn_coroutine`](aio::AioContext::spawn_coroutine) → [`aio::Task`] |
+//! | tasks on the loop | [`aio::AioContext::spawn`], [`spawn_local`](aio::AioContext::spawn_local), [`spawn_coroutine`](aio::AioContext::spawn_coroutine) → [`aio::Task`] (await [`fallible()`](aio::Task::fallible) for `None` if the context shuts down first) |
 //! | `aio_get_g_source` (the loop inside another event loop) | `AioContext::run_in_smol` (feature `smol`), or [`prepare`](aio::AioContext::prepare) / [`pending`](aio::AioContext::pending) / [`dispatch`](aio::AioContext::dispatch) |
 //! | `CoMutex` / `CoQueue` from async code | [`sync::CoMutex::lock_async`], [`sync::CoQueue::wait_async`], [`wait_unlocked_async`](sync::CoQueue::wait_unlocked_async) |
 //!

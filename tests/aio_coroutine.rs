@@ -27,7 +27,7 @@ fn queue_chaining() {
         let (other, counts, ctx) = (other.clone(), counts.clone(), ctx.clone());
         coroutine::Builder::new()
             .stack_size(64 * 1024) // a growing stack would overflow this
-            .spawn(move || {
+            .build(move || {
                 while counts[me].get() < MAX {
                     counts[me].set(counts[me].get() + 1);
                     let o = other.borrow()[me].clone().unwrap();

@@ -307,12 +307,30 @@ fn enter_if_inactive() {
     assert!(co.is_finished());
 }
 
+// `Builder::build` creates, as `Coroutine::new` does, and runs nothing
+// (it was called `spawn`, which suggested `std::thread::Builder::spawn`).
+#[test]
+fn builder_build_creates_without_running() {
+    let ran = Rc::new(Cell::new(false));
+    let r = ran.clone();
+    let co = coroutine::Builder::new()
+        .name("not yet")
+        .build(move || r.set(true))
+        .unwrap();
+    assert!(!co.is_started());
+    assert!(!co.is_finished());
+    assert!(!ran.get(), "build ran nothing");
+    co.enter();
+    assert!(ran.get());
+    assert!(co.is_finished());
+}
+
 #[test]
 fn builder_names_and_stack_sizes() {
     let co = coroutine::Builder::new()
         .name("small")
         .stack_size(16 * 1024)
-        .spawn(|| {
+        .build(|| {
             let buf = [1u8; 8 * 1024];
             std::hint::black_box(&buf)
                 .iter()

@@ -15,7 +15,7 @@ fn rss_bytes() -> usize {
 }
 
 fn suspended_small(i: u32) -> std::io::Result<Coroutine<u32>> {
-    let co = Builder::new().stack_size(16 * 1024).spawn(move || {
+    let co = Builder::new().stack_size(16 * 1024).build(move || {
         coroutine::suspend();
         i
     })?;
@@ -75,12 +75,16 @@ fn exhaustion_child() {
     println!("live={live} max_map_count={max_map_count} error={err}");
     assert_eq!(err.kind(), std::io::ErrorKind::OutOfMemory, "{err}");
     assert!(
+        err.to_string().starts_with("coroutine::Builder::build: "),
+        "the error names the call: {err}"
+    );
+    assert!(
         live >= expected_min,
         "only {live} coroutines before failing"
     );
     // Creating through the panicking path would panic with the same error;
     // the fallible path must keep failing cleanly.
-    assert!(Builder::new().spawn(|| ()).is_err());
+    assert!(Builder::new().build(|| ()).is_err());
     // The process is healthy: a thread can be spawned, memory allocated.
     let t = std::thread::spawn(|| {
         let v = vec![1u8; 1 << 20];

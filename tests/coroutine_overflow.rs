@@ -39,7 +39,7 @@ fn child_overflow_named() {
     let co = coroutine::Builder::new()
         .name("NAME")
         .stack_size(64 * 1024)
-        .spawn(|| recurse(0))
+        .build(|| recurse(0))
         .unwrap();
     co.enter();
     unreachable!("the overflow aborts");
@@ -142,7 +142,7 @@ fn coroutine_on_a_thread_without_an_altstack_reports_too() {
         extern "C" fn body(_: *mut libc::c_void) -> *mut libc::c_void {
             let co = coroutine::Builder::new()
                 .name("raw-thread")
-                .spawn(|| recurse(0))
+                .build(|| recurse(0))
                 .unwrap();
             co.enter();
             std::ptr::null_mut()

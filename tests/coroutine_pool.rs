@@ -4,7 +4,7 @@
 use coroloop::coroutine::{self, Coroutine};
 
 fn suspended() -> std::io::Result<Coroutine> {
-    let co = coroutine::Builder::new().spawn(coroutine::suspend)?;
+    let co = coroutine::Builder::new().build(coroutine::suspend)?;
     co.enter();
     Ok(co)
 }
@@ -71,7 +71,7 @@ fn pool_accounting() {
     let small = || {
         let co = coroutine::Builder::new()
             .stack_size(16 * 1024) // not poolable: needs a new mapping
-            .spawn(coroutine::suspend)?;
+            .build(coroutine::suspend)?;
         co.enter();
         Ok::<_, std::io::Error>(co)
     };

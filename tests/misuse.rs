@@ -693,11 +693,11 @@ fn decreasing_the_pool_below_zero_panics() {
 fn an_impossible_stack_size_is_an_error_not_a_panic() {
     let err = coroutine::Builder::new()
         .stack_size(1 << 46) // 64 TiB
-        .spawn(|| ())
+        .build(|| ())
         .unwrap_err();
     assert!(
         err.to_string()
-            .starts_with("cannot map a coroutine stack of"),
+            .starts_with("coroutine::Builder::build: cannot map a coroutine stack of"),
         "{err}"
     );
     still_usable();
@@ -947,13 +947,16 @@ fn work_queued_at_home_after_shutdown_never_runs() {
     ctx.bh_schedule_oneshot_local(move || r.set(true));
     let bh = ctx.bh_new(|| unreachable!("a BH ran after shutdown"));
     bh.schedule();
-    // A task spawned after shutdown is cancelled at once.
+    // A task spawned after shutdown is cancelled at once; its handle says
+    // why (it used to be async-task's "Task polled after completion").
     let task = ctx.spawn_local(async { 1 });
+    assert!(task.is_finished());
     assert!(!ctx.poll(false));
     assert!(!ran.get());
     assert_eq!(
         panic_message(|| ctx.block_on(task)),
-        "Task polled after completion"
+        "coroloop Task: the AioContext shut down before the task finished \
+         (await `task.fallible()` to get `None` instead)"
     );
 }
 

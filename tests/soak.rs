@@ -574,7 +574,7 @@ pub(crate) fn run_soak(secs: u64) -> SoakReport {
                 if id % 4 < 2 {
                     b = b.stack_size(STACK);
                 }
-                let co = b.spawn(move || run_one(sh3, id, t, true));
+                let co = b.build(move || run_one(sh3, id, t, true));
                 let co = match co {
                     Ok(co) => co,
                     Err(e) => {

@@ -12,7 +12,11 @@ use super::{AioContext, FdMonitorKind, IOTHREAD_POLL_MAX_NS};
 ///
 /// Stopping (explicitly or by dropping the handle) finishes the current
 /// loop iteration, unwinds the coroutines the context owns, drops its
-/// handlers, timers and pending BHs on the thread, and joins it.
+/// handlers, timers and pending BHs on the thread, cancels its unfinished
+/// tasks, and joins it (see [`AioContext::shutdown`]). A task spawned on
+/// the context after that is refused at once: await
+/// [`Task::fallible`](super::Task::fallible) where the thread may be
+/// stopped first.
 ///
 /// # Examples
 ///

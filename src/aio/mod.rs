@@ -43,6 +43,7 @@ mod file;
 mod iothread;
 mod notify;
 mod task;
+mod task_handle;
 mod thread_pool;
 mod timer;
 mod wait;
@@ -57,15 +58,13 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-/// The handle of a task spawned on an AioContext (async-task's `Task`): a
-/// future of its output; dropping it cancels the task, `detach` lets it run.
-pub use async_task::Task;
 pub use bh::{Bh, LocalBh};
 pub use fd::{FdHandler, IoHandler, IoPollHandler, RawFdSource};
 pub use fdmon::FdMonitorKind;
 pub use file::{AioMode, CoFile, IoUring, LinuxAio};
 pub use iothread::{IoThread, IoThreadBuilder};
 pub use notify::EventNotifier;
+pub use task_handle::{FallibleTask, Task};
 pub use thread_pool::ThreadPool;
 pub use timer::{ClockType, Timer};
 pub use wait::wait_kick;
@@ -918,10 +917,12 @@ impl AioContext {
     /// coroutine it resumes, whoever owns it — those it owns
     /// ([`Coroutine::detach`], dropped last handles, `spawn_coroutine`) and
     /// those whose handles the user holds, which then see them finished
-    /// without a result — and drops its fd handlers' callbacks, its timers
-    /// and pending bottom halves. Afterwards `poll` has nothing to run, new
-    /// work is refused, and an io wait on it fails with an `io::Error`.
-    /// Idempotent. [`IoThread::stop`] calls it.
+    /// without a result — drops its fd handlers' callbacks, its timers and
+    /// pending bottom halves, and cancels its unfinished tasks (their
+    /// [`Task`] handles resolve: see [`Task::fallible`]). Afterwards `poll`
+    /// has nothing to run, new work is refused (a spawn returns a resolved
+    /// `Task`), and an io wait on it fails with an `io::Error`. Idempotent.
+    /// [`IoThread::stop`] calls it.
     ///
     /// Dropping the last user handle on the home thread does the same. The
     /// library's own references (the timer of a sleeping coroutine, an fd
@@ -981,10 +982,9 @@ impl AioContext {
         self.inner.monitor.shutdown();
         co::clear_queue(self);
         // Queued tasks are dropped, and waiting ones woken so that their
-        // scheduler (which sees the context dead) drops them too.
-        self.inner.tasks.clear(&mut panics);
-        self.inner.tasks.wake_all_active(&mut panics);
-        self.inner.tasks.clear(&mut panics);
+        // scheduler (which sees the context dead) drops them too; new
+        // spawns are refused (see task.rs, "Shutdown").
+        self.inner.tasks.shut_down(&mut panics);
         // (File requests may remain: those of coroutines the context does
         // not own, which cancel and reap them when they are unwound.)
         debug_assert!(

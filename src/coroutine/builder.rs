@@ -8,8 +8,13 @@ use super::{current, overflow, pool, Coroutine};
 
 /// Configures a coroutine before creating it: its name (shown in stack
 /// overflow reports and `Debug`) and its stack size. Unlike
-/// [`Coroutine::new`], [`spawn`](Builder::spawn) reports a stack that cannot
+/// [`Coroutine::new`], [`build`](Builder::build) reports a stack that cannot
 /// be mapped as an `io::Error`.
+///
+/// `build` only creates the coroutine, as [`Coroutine::new`] does: it runs
+/// when entered (unlike `std::thread::Builder::spawn`, which starts the
+/// thread). Run it with [`Coroutine::enter`], or queue it on a context
+/// with [`AioContext::co_schedule`](crate::aio::AioContext::co_schedule).
 ///
 /// # Examples
 ///
@@ -19,11 +24,12 @@ use super::{current, overflow, pool, Coroutine};
 /// let co = Builder::new()
 ///     .name("worker")
 ///     .stack_size(64 * 1024)
-///     .spawn(|| {
+///     .build(|| {
 ///         coroutine::suspend();
 ///         21 * 2
 ///     })?;
 /// assert_eq!(co.name(), Some("worker"));
+/// assert!(!co.is_started(), "built, not run");
 /// co.enter();
 /// co.enter();
 /// assert_eq!(co.take_result(), Some(42));
@@ -57,14 +63,15 @@ impl Builder {
         self
     }
 
-    /// Creates the coroutine. It does not run until entered.
+    /// Creates the coroutine (QEMU's `qemu_coroutine_create`). It does not
+    /// run until entered.
     ///
     /// # Errors
     ///
     /// `OutOfMemory` (or the `mmap` error) when no stack can be mapped: the
     /// [stack budget](super::max_live_stacks) is spent or the system refused
-    /// the memory.
-    pub fn spawn<F, T>(self, f: F) -> io::Result<Coroutine<T>>
+    /// the memory. The message begins with `coroutine::Builder::build: `.
+    pub fn build<F, T>(self, f: F) -> io::Result<Coroutine<T>>
     where
         F: FnOnce() -> T + 'static,
         T: 'static,
@@ -73,7 +80,8 @@ impl Builder {
             None => DEFAULT_STACK_SIZE,
             Some(s) => round_stack_size(s),
         };
-        let co = spawn_inner(f, size)?;
+        let co = spawn_inner(f, size)
+            .map_err(|e| io::Error::new(e.kind(), format!("coroutine::Builder::build: {e}")))?;
         if let Some(name) = self.name {
             let hr = co.header();
             // SAFETY: home-thread fields of a header nothing else sees yet.

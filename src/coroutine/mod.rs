@@ -195,7 +195,7 @@ impl<T: 'static> Coroutine<T> {
     ///
     /// # Panics
     ///
-    /// Panics if no stack can be mapped; use [`Builder::spawn`] to get an
+    /// Panics if no stack can be mapped; use [`Builder::build`] to get an
     /// `io::Error` instead.
     #[doc(alias = "qemu_coroutine_create")]
     #[inline]

@@ -170,7 +170,7 @@ impl<T: 'static> CoroutineFuture<T> {
     ///
     /// # Panics
     ///
-    /// If no stack can be mapped (see [`coroutine::Builder::spawn`]).
+    /// If no stack can be mapped (see [`coroutine::Builder::build`]).
     #[track_caller]
     pub fn new<F>(f: F) -> CoroutineFuture<T>
     where
@@ -186,7 +186,7 @@ impl<T: 'static> CoroutineFuture<T> {
     ///
     /// # Errors
     ///
-    /// As [`coroutine::Builder::spawn`].
+    /// As [`coroutine::Builder::build`].
     pub fn with_builder<F>(builder: coroutine::Builder, f: F) -> io::Result<CoroutineFuture<T>>
     where
         F: FnOnce() -> T + 'static,
@@ -202,7 +202,7 @@ impl<T: 'static> CoroutineFuture<T> {
             owned: Owned(Default::default()),
         });
         let r2 = res.clone();
-        let co = builder.spawn(move || {
+        let co = builder.build(move || {
             // However it ends (returned, panicked, unwound) and whoever
             // entered it last, the task learns about it.
             struct WakeOnExit(Arc<FutureResumer>);

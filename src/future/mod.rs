@@ -10,7 +10,10 @@
 //!   [`spawn`](crate::aio::AioContext::spawn),
 //!   [`spawn_local`](crate::aio::AioContext::spawn_local),
 //!   [`spawn_coroutine`](crate::aio::AioContext::spawn_coroutine) (tasks
-//!   run as the context's own work items), and with the `smol` feature
+//!   run as the context's own work items; their
+//!   [`Task`](crate::aio::Task) handle's
+//!   [`fallible()`](crate::aio::Task::fallible) gives `None` if the
+//!   context shuts down first), and with the `smol` feature
 //!   [`run_in_smol`](crate::aio::AioContext::run_in_smol) (the context
 //!   driven from inside a smol executor).
 //! * The coroutine locks serve async tasks too:
