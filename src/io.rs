@@ -179,10 +179,44 @@ fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
     };
     rearm(&guard.ctx, key, &guard.entry)?;
     while !ready.get() {
+        if guard.ctx.inner.is_dead() {
+            // Woken by the shutdown (`wake_waiters_of`): nothing else will
+            // make the fd ready for this context.
+            return Err(io::Error::other(format!(
+                "{api}: cannot wait for fd {raw}: the context is shut down"
+            )));
+        }
         crate::coroutine::suspend();
     }
     drop(guard);
     Ok(())
+}
+
+/// At a context's shutdown: wakes (through their resumers) the coroutines
+/// still waiting for an fd of it, which then fail their wait with an
+/// `io::Error`. Those the context resumes were cancelled already; these
+/// are coroutines of a `CoroutineFuture` that used the context.
+pub(crate) fn wake_waiters_of(ctx_addr: usize) {
+    let waiters: Vec<RemoteCoroutine> = WAITS
+        .try_with(|m| {
+            m.map
+                .borrow()
+                .iter()
+                .filter(|(k, _)| k.0 == ctx_addr)
+                .flat_map(|(_, e)| {
+                    let e = e.borrow();
+                    [e.read.as_ref(), e.write.as_ref()]
+                        .into_iter()
+                        .flatten()
+                        .map(|w| w.remote.clone())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for w in waiters {
+        w.wake();
+    }
 }
 
 /// Suspends the current coroutine until `fd` is readable (or hung up),

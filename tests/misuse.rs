@@ -107,8 +107,9 @@ fn a_completed_coroutine_future_polled_again_panics() {
     assert_eq!(std::pin::Pin::new(&mut fut).poll(&mut cx), Poll::Ready(5));
     assert_eq!(
         panic_message(|| std::pin::Pin::new(&mut fut).poll(&mut cx)),
-        "CoroutineFuture polled after it completed (or its coroutine panicked \
-         while entered outside poll)"
+        "CoroutineFuture: its coroutine ended without a result: it was cancelled \
+         (the AioContext it waited on shut down, or `cancel()`), or it panicked \
+         while entered outside poll, or the future was polled after it completed"
     );
     still_usable();
 }

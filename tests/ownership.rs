@@ -332,3 +332,223 @@ fn a_handle_dropped_from_inside_hands_the_coroutine_over_when_it_suspends() {
         assert_eq!(ctx.detached_count(), 0);
     });
 }
+
+// ---------------------------------------------------------------------
+// Found by the review of the ownership change.
+
+/// The resumer's list walk holds each header until it is unlinked: the
+/// unwind of an adopted coroutine drops its owner's handle, which used to
+/// recycle (and, with a full header pool, free) the header the walk then
+/// unlinked (a use-after-free under valgrind). Run under the memcheck
+/// script to see it; here it must simply hold.
+#[test]
+fn shutdown_of_a_context_owning_coroutines_with_a_full_header_pool() {
+    on_fresh_thread(|| {
+        // Fill this thread's header pool, so recycled headers are freed.
+        let many: Vec<_> = (0..600).map(|_| Coroutine::new(|| ())).collect();
+        drop(many);
+        let ctx = AioContext::new().unwrap();
+        for _ in 0..3 {
+            Coroutine::new(coroutine::suspend).enter();
+        }
+        assert_eq!(ctx.detached_count(), 3);
+        ctx.shutdown();
+        assert_eq!(ctx.detached_count(), 0);
+        let fut_owner = CoroutineFuture::new(|| {
+            Coroutine::new(|| await_future(std::future::pending::<()>())).enter();
+            await_future(std::future::pending::<()>());
+        });
+        let mut fut = Box::pin(fut_owner);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        drop(fut);
+    });
+}
+
+/// A fresh coroutine's closure is dropped only after the coroutine is
+/// marked finished: a destructor in it that enters the coroutine gets the
+/// "finished" panic instead of running the body on a dropped closure.
+#[test]
+fn cancelling_a_fresh_coroutine_marks_it_finished_before_dropping_its_closure() {
+    on_fresh_thread(|| {
+        struct EntersOnDrop(Rc<std::cell::RefCell<Option<Coroutine>>>);
+        impl Drop for EntersOnDrop {
+            fn drop(&mut self) {
+                if let Some(co) = self.0.borrow_mut().take() {
+                    co.enter();
+                }
+            }
+        }
+        let slot: Rc<std::cell::RefCell<Option<Coroutine>>> = Rc::default();
+        let e = EntersOnDrop(slot.clone());
+        let co = Coroutine::new(move || {
+            let _e = &e;
+            unreachable!("the body of a cancelled fresh coroutine never runs");
+        });
+        *slot.borrow_mut() = Some(co.clone());
+        assert_eq!(
+            common::panic_message(|| co.cancel()),
+            "Coroutine::enter: the coroutine has already finished"
+        );
+        assert!(co.is_finished());
+    });
+}
+
+/// Dropping the last user handle shuts the context down once, however
+/// many handles its destructors make and drop meanwhile (each used to
+/// start a nested shutdown: 20,000 adopted coroutines overflowed the
+/// stack).
+#[test]
+fn the_last_handle_starts_one_shutdown_not_one_per_coroutine() {
+    on_fresh_thread(|| {
+        thread_local!(static DEPTH: Cell<(u32, u32)> = const { Cell::new((0, 0)) });
+        struct D;
+        impl Drop for D {
+            fn drop(&mut self) {
+                DEPTH.with(|d| {
+                    let (cur, max) = d.get();
+                    d.set((cur + 1, max.max(cur + 1)));
+                });
+                // Makes and drops a user handle of the dying context.
+                drop(AioContext::current());
+                DEPTH.with(|d| {
+                    let (cur, max) = d.get();
+                    d.set((cur - 1, max));
+                });
+            }
+        }
+        let ctx = AioContext::new().unwrap();
+        for _ in 0..50 {
+            Coroutine::new(|| {
+                let _d = D;
+                coroutine::suspend();
+            })
+            .enter();
+        }
+        drop(ctx);
+        assert_eq!(DEPTH.with(Cell::get), (0, 1), "no nested shutdown");
+    });
+}
+
+/// A coroutine created and entered by a destructor that runs during a
+/// shutdown's cancellations is cancelled normally at its first suspension
+/// (it used to abort: its suspend saw the other coroutine's unwind).
+#[test]
+fn a_coroutine_created_during_cancellation_is_cancelled_without_abort() {
+    on_fresh_thread(|| {
+        let late_done = Rc::new(Cell::new(false));
+        struct MakesOne(Rc<Cell<bool>>);
+        impl Drop for MakesOne {
+            fn drop(&mut self) {
+                let d = self.0.clone();
+                let co = Coroutine::new(move || {
+                    coroutine::suspend();
+                    d.set(true);
+                });
+                co.enter();
+                // Its list was closed: cancelled at its first suspension.
+                assert!(co.is_finished());
+            }
+        }
+        let ctx = AioContext::new().unwrap();
+        let m = MakesOne(late_done.clone());
+        Coroutine::new(move || {
+            let _m = m;
+            coroutine::suspend();
+        })
+        .enter();
+        ctx.shutdown();
+        assert!(!late_done.get());
+    });
+}
+
+/// A `CoroutineFuture` made inside a coroutine whose context shut down
+/// (the coroutine runs on until its next suspension) is not born
+/// cancelled: it runs on the live context that drives it.
+#[test]
+fn a_coroutine_future_made_in_a_cancelled_coroutine_still_runs() {
+    on_fresh_thread(|| {
+        let a = AioContext::new().unwrap();
+        let b = AioContext::new().unwrap();
+        let (a2, b2) = (a.clone(), b.clone());
+        let co = Coroutine::new(move || {
+            a2.shutdown();
+            b2.block_on(CoroutineFuture::new(|| {
+                coroutine::yield_now();
+                5
+            }))
+        });
+        co.enter();
+        assert_eq!(co.take_result(), Some(5));
+        drop((a, b));
+    });
+}
+
+/// The QEMU idiom inside a `CoroutineFuture` and inside `spawn_coroutine`:
+/// the child finishes its work; the future (and the task) completes once
+/// the coroutines it took over have finished.
+#[test]
+fn the_qemu_idiom_inside_a_future_or_a_spawned_coroutine_finishes_its_work() {
+    on_fresh_thread(|| {
+        let ctx = AioContext::new().unwrap();
+        let done = std::sync::Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        let v = ctx.block_on(CoroutineFuture::new(move || {
+            Coroutine::new(move || {
+                coroutine::sleep(Duration::from_millis(2));
+                d.fetch_add(1, Ordering::SeqCst);
+            })
+            .enter();
+            1
+        }));
+        assert_eq!(v, 1);
+        assert_eq!(done.load(Ordering::SeqCst), 1, "the child finished first");
+        let d = done.clone();
+        let task = ctx.spawn_coroutine(move || {
+            Coroutine::new(move || {
+                coroutine::sleep(Duration::from_millis(2));
+                d.fetch_add(1, Ordering::SeqCst);
+            })
+            .enter();
+            2
+        });
+        assert_eq!(ctx.block_on(task), 2);
+        assert_eq!(done.load(Ordering::SeqCst), 2);
+    });
+}
+
+/// A `CoroutineFuture`'s coroutine sleeping on a context that shuts down
+/// is cancelled instead of waiting forever; the future says so.
+#[test]
+fn a_future_sleeping_on_a_context_that_shuts_down_does_not_hang() {
+    on_fresh_thread(|| {
+        let ctx = AioContext::new().unwrap();
+        let ctx2 = ctx.clone();
+        let msg = common::panic_message(|| {
+            ctx.block_on(CoroutineFuture::new(move || {
+                ctx2.shutdown();
+                coroutine::sleep(Duration::from_millis(10));
+                7
+            }))
+        });
+        assert!(msg.contains("it was cancelled"), "{msg}");
+    });
+}
+
+/// `detach()` inside a `CoroutineFuture` gives the coroutine to the
+/// future (its resumer), which lets go of it when it finishes (it used to
+/// stay in the context's map).
+#[test]
+fn detach_inside_a_future_is_released_when_it_finishes() {
+    on_fresh_thread(|| {
+        let ctx = AioContext::new().unwrap();
+        for _ in 0..3 {
+            ctx.block_on(CoroutineFuture::new(|| {
+                let co = Coroutine::new(coroutine::yield_now);
+                co.enter();
+                co.detach();
+            }));
+        }
+        assert_eq!(ctx.detached_count(), 0);
+    });
+}

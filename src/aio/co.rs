@@ -101,10 +101,14 @@ impl Resumer for CtxResumer {
     }
 
     fn detached_finished(&self, addr: usize) {
+        // No `AioContext` handle is made here: dropping one could start a
+        // shutdown (a context whose last user handle is gone).
         if let Some(inner) = self.inner.upgrade() {
-            let ctx = AioContext::from_inner(inner);
+            if !inner.is_home() || inner.is_dead() {
+                return;
+            }
+            let owned = inner.local().detached.borrow_mut().remove(&addr);
             // Dropped after the borrow ends: the handle's drop may run code.
-            let owned = ctx.disown(addr);
             drop(owned);
         }
     }

@@ -189,7 +189,7 @@ impl Drop for AioContext {
         if self.counted
             && self.inner.handles.fetch_sub(1, Ordering::AcqRel) == 1
             && self.inner.is_home()
-            && !self.inner.is_dead()
+            && !self.inner.closing.load(Ordering::Acquire)
         {
             self.shutdown();
         }
@@ -206,6 +206,10 @@ pub(crate) struct Inner {
     pub(crate) external_disable: AtomicU32,
     pub(crate) virtual_ns: AtomicI64,
     dead: AtomicBool,
+    /// Set when `shutdown` starts (before `dead`): a handle made and dropped
+    /// during the shutdown (by a destructor it runs) must not start another
+    /// one, nested on the stack.
+    closing: AtomicBool,
     /// `AioContext` handles (the `Arc` also counts internal references).
     handles: AtomicUsize,
     poll_max_ns: AtomicI64,
@@ -538,6 +542,7 @@ impl AioContext {
             external_disable: AtomicU32::new(0),
             virtual_ns: AtomicI64::new(0),
             dead: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             handles: AtomicUsize::new(0),
             poll_max_ns: AtomicI64::new(0),
             poll_grow: AtomicI64::new(0),
@@ -939,8 +944,8 @@ impl AioContext {
     #[track_caller]
     pub fn shutdown(&self) {
         self.inner.assert_home("AioContext::shutdown");
-        if self.inner.dead.load(Ordering::Acquire) {
-            return;
+        if self.inner.closing.swap(true, Ordering::AcqRel) {
+            return; // done, or in progress further up this stack
         }
         let local = self.inner.local();
         // Every step runs, and each destructor inside a step, even if a
@@ -977,6 +982,11 @@ impl AioContext {
         bh::shutdown(self, &mut panics);
         local.timers.clear(&mut panics);
         local.handlers.clear(&mut panics);
+        // Waits the cancellation above did not end (coroutines of a
+        // `CoroutineFuture` that used this context's timers or fds) are
+        // woken to find it dead: a sleep cancels its coroutine, an fd wait
+        // fails with an `io::Error`; nothing waits on forever.
+        crate::io::wake_waiters_of(Arc::as_ptr(&self.inner) as usize);
         // Handlers dropped from now on no longer unregister: the monitor
         // lets go of their fds here (io_uring's poll requests hold them).
         self.inner.monitor.shutdown();

@@ -337,6 +337,9 @@ pub(crate) struct Header {
     pub(crate) panic: Cell<Option<Box<dyn std::any::Any + Send>>>,
     /// The unwind in progress was started by coroloop (last handle dropped).
     pub(crate) cancelling: Cell<bool>,
+    /// A `Cancelled` unwind was raised in it (its own cancellation is
+    /// unwinding, or was caught and may be raised again).
+    pub(crate) cancel_raised: Cell<bool>,
     /// Owned by its resumer's context (`Coroutine::detach`).
     pub(crate) detached: Cell<bool>,
     /// Its resumer may refuse direct entry (a `CoroutineFuture` that is
@@ -400,6 +403,7 @@ impl Header {
             queued: Cell::new(false),
             panic: Cell::new(None),
             cancelling: Cell::new(false),
+            cancel_raised: Cell::new(false),
             detached: Cell::new(false),
             ask_resumer: Cell::new(false),
             scheduled: super::remote::WakeFlag::new(),
@@ -440,6 +444,7 @@ impl Header {
         self.state.set(State::Fresh);
         self.strong.set(1);
         self.cancelling.set(false);
+        self.cancel_raised.set(false);
         // A leaked (never finished) predecessor cannot be recycled, so no
         // poll frame of an earlier coroutine is left on this header.
         self.own_loop.set(ptr::null());
@@ -522,7 +527,10 @@ impl Header {
         // SAFETY: the caller guarantees h is live.
         let r = unsafe { h.as_ref() };
         // Nothing on this thread refers to it any more: drop what is
-        // thread-bound before anything can see it from another thread.
+        // thread-bound before anything can see it from another thread. A
+        // recycled header is never in a resumer's list (it is unlinked when
+        // it finishes; this only guards the invariant).
+        r.links.unlink();
         r.clear_payload();
         r.reset_home_fields();
         if r.remote.home_release() {

@@ -522,7 +522,7 @@ pub fn suspend() {
     // SAFETY: the running coroutine's header is alive.
     let h = unsafe { &*p };
     if h.cancelling.get() {
-        raise_cancel();
+        raise_cancel(h);
     }
     if std::thread::panicking() && !h.entered_panicking.get() {
         suspend_while_panicking();
@@ -550,6 +550,9 @@ fn suspend_outside() -> ! {
 #[inline(never)]
 fn resumed_with(cmd: Cmd) {
     if cmd == Cmd::CANCEL {
+        let p = current::current_ptr();
+        // SAFETY: the running coroutine's header is alive.
+        unsafe { &*p }.cancel_raised.set(true);
         resume_unwind(Box::new(Cancelled));
     }
     log::error!("coroloop: suspended coroutine resumed as an idle worker");
@@ -577,13 +580,18 @@ fn suspend_while_panicking() -> ! {
 
 #[cold]
 #[inline(never)]
-fn raise_cancel() -> ! {
-    if std::thread::panicking() {
+fn raise_cancel(h: &Header) -> ! {
+    // Refused only while *this* coroutine's own cancellation unwinds (a
+    // destructor of the unwind suspends): the thread may be panicking for
+    // another stack's sake (a coroutine created by such a destructor, or
+    // entered during a panic elsewhere, is cancelled normally).
+    if h.cancel_raised.get() && std::thread::panicking() {
         panic!(
             "coroutine::suspend() called while the coroutine is being unwound \
-             (its last handle was dropped); code run during the unwind must not suspend"
+             (it was cancelled); code run during the unwind must not suspend"
         );
     }
+    h.cancel_raised.set(true);
     resume_unwind(Box::new(Cancelled))
 }
 
@@ -662,7 +670,8 @@ fn release_owner(h: &Header) {
 /// Ends a coroutine that never ran: its closure is dropped, its handles
 /// see it finished without a result.
 fn discard_fresh(h: &Header) {
-    h.clear_payload();
+    // Finished first, the closure dropped last: its destructor may use the
+    // coroutine's handles (an `enter` then finds it finished).
     if let Some(w) = h.worker.take() {
         h.state.set(State::Finished);
         h.links.unlink();
@@ -670,6 +679,7 @@ fn discard_fresh(h: &Header) {
         // SAFETY: the worker never ran this job, so it is idle.
         unsafe { pool::release_worker(w) };
     }
+    h.clear_payload();
 }
 
 /// Gives a suspended coroutine without handles to its resumer; returns
@@ -728,6 +738,17 @@ pub(crate) fn cancel_header(h: &Header) -> Option<Box<dyn Any + Send>> {
         }
         State::Finished => None,
     }
+}
+
+/// Cancels the current coroutine: it unwinds now (from inside a library
+/// wait whose context shut down, for example).
+pub(crate) fn cancel_current() -> ! {
+    let p = current::current_ptr();
+    assert!(!p.is_null(), "cancel_current outside a coroutine");
+    // SAFETY: the running coroutine's header is alive.
+    unsafe { &*p }.cancelling.set(true);
+    suspend();
+    unreachable!("a cancelled coroutine's suspend() unwinds")
 }
 
 /// How to get rid of a suspended coroutine nobody owns.
@@ -913,6 +934,7 @@ fn finish(h: &Header, w: NonNull<Worker>) {
     h.links.unlink();
     h.worker.set(None);
     h.cancelling.set(false);
+    h.cancel_raised.set(false);
     h.bump_generation();
     // SAFETY: the worker's job ended, so it is idle in its loop.
     unsafe { pool::release_worker(w) };

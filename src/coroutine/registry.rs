@@ -145,6 +145,9 @@ impl CoList {
                 }
             }
             let Some(h) = target else { break };
+            // Held until it is unlinked: its unwind may drop its last
+            // handle (an owner's), which would otherwise recycle it under us.
+            let hold = super::header::WeakRef::new(h);
             if let Some(p) = super::cancel_header(h) {
                 if first.is_none() {
                     first = Some(p);
@@ -155,6 +158,7 @@ impl CoList {
             // `cancel_header` finished (and so unlinked) `h`; if it could
             // not, unlink it so the loop ends.
             h.links.unlink();
+            drop(hold);
         }
         first
     }

@@ -215,6 +215,12 @@ impl<T> Coroutine<T> {
         let h = self.header();
         // It leaves the old resumer's list for the new one's.
         h.links.unlink();
+        if h.state.get() == super::State::Fresh {
+            // Only joining a closed list (creation inside a coroutine of a
+            // resumer that has ended) marks a fresh coroutine: the new
+            // resumer decides again.
+            h.cancelling.set(false);
+        }
         if h.state.get() != super::State::Finished {
             if let Some(list) = r.coroutines() {
                 list.link(h);
@@ -271,11 +277,18 @@ impl<T> Coroutine<T> {
         if h.state.get() == super::State::Finished {
             return;
         }
-        let Some(ctx) = self.aio_context() else {
+        // SAFETY: home-thread field; the clone ends the borrow before calling.
+        let Some(r) = (unsafe { (*h.resumer.get()).clone() }) else {
             panic!("Coroutine::detach: the coroutine has no AioContext to own it");
         };
+        // Its resumer (context or `CoroutineFuture`) owns it, and is the
+        // one told when it finishes; a resumer that has ended refuses, and
+        // the coroutine is cancelled.
         h.detached.set(true);
-        ctx.adopt(self.erase());
+        if let Err(co) = r.adopt(self.erase()) {
+            co.header().detached.set(false);
+            co.cancel();
+        }
     }
 }
 
@@ -322,8 +335,13 @@ pub fn sleep(d: Duration) {
     let fired = std::rc::Rc::new(std::cell::Cell::new(false));
     let f = fired.clone();
     let r = RemoteRef::new(co.header());
+    // If the context shuts down, the timer's callback is dropped unrun:
+    // this wakes the sleeper (through its resumer, never entering it from
+    // the shutdown), which then finds the context dead.
+    let on_drop = WakeOnDrop(co.remote());
     drop(co);
     let timer = ctx.timer_new(ClockType::Realtime, move || {
+        let _ = &on_drop;
         f.set(true);
         // SAFETY: timer callbacks run on the context's home thread, which
         // is this coroutine's home thread.
@@ -333,7 +351,22 @@ pub fn sleep(d: Duration) {
     });
     timer.mod_after(d);
     while !fired.get() {
+        if ctx.inner.is_dead() {
+            // Nothing will ever end this sleep: a coroutine of a shut-down
+            // context is cancelled (DESIGN.md, "Who owns a coroutine").
+            super::cancel_current();
+        }
         suspend();
+    }
+}
+
+/// Wakes a coroutine through its resumer when dropped (a wait's callback
+/// dropped unrun by its context's shutdown).
+pub(crate) struct WakeOnDrop(pub(crate) RemoteCoroutine);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.wake();
     }
 }
 

@@ -88,6 +88,8 @@ impl Resumer for FutureResumer {
         };
         // Dropped after the borrow ends: the handle's drop may run code.
         drop(co);
+        // A finished future waits for the coroutines it owns: poll again.
+        self.waker.wake();
     }
 
     fn admits_direct_entry(&self) -> bool {
@@ -255,10 +257,12 @@ impl<T: 'static> Future for CoroutineFuture<T> {
         if !this.started {
             this.started = true;
             this.co.enter();
-        } else if this.co.is_finished() {
-            // Finished outside `poll` (entered by hand): nothing to run.
         } else {
-            let req = this.res.main_req.swap(0, Ordering::Acquire);
+            let req = if this.co.is_finished() {
+                0 // finished (its coroutines may still run, below)
+            } else {
+                this.res.main_req.swap(0, Ordering::Acquire)
+            };
             if req != 0 {
                 if this.co.is_entered() {
                     // Polled from inside itself (a nested executor): later.
@@ -293,11 +297,18 @@ impl<T: 'static> Future for CoroutineFuture<T> {
             }
         }
         if this.co.is_finished() {
+            if !this.res.owned.0.borrow().is_empty() {
+                // Coroutines it took over (created inside, their handles
+                // dropped) run on until they finish, as DESIGN.md's
+                // "Who owns a coroutine" says: the future is done then.
+                return Poll::Pending;
+            }
             match this.co.take_result() {
                 Some(v) => Poll::Ready(v),
                 None => panic!(
-                    "CoroutineFuture polled after it completed (or its coroutine panicked \
-                     while entered outside poll)"
+                    "CoroutineFuture: its coroutine ended without a result: it was cancelled \
+                     (the AioContext it waited on shut down, or `cancel()`), or it panicked \
+                     while entered outside poll, or the future was polled after it completed"
                 ),
             }
         } else {

@@ -99,7 +99,11 @@ impl CoSleep {
         let _g = Unregister(self, w.clone());
         let timed_out = std::rc::Rc::new(std::cell::Cell::new(false));
         let (t, w2) = (timed_out.clone(), w.clone());
+        // Dropped unrun by the context's shutdown: wakes the sleeper (no
+        // grant), which then finds the context dead.
+        let on_drop = WakeOnDrop(w.clone());
         let timer = ctx.timer_new(clock, move || {
+            let _ = &on_drop;
             if !w2.is_granted() {
                 t.set(true);
                 w2.grant().wake();
@@ -107,11 +111,27 @@ impl CoSleep {
         });
         timer.mod_after(d);
         while !w.is_granted() {
+            if ctx.inner.is_dead() {
+                // Only `wake()` could end it now; a coroutine of a
+                // shut-down context is cancelled instead of waiting on.
+                crate::coroutine::cancel_current();
+            }
             crate::coroutine::suspend();
         }
         !timed_out.get()
     }
+}
 
+/// Wakes a sleeper (without a grant) when dropped.
+struct WakeOnDrop(std::sync::Arc<super::waitq::Waiter>);
+
+impl Drop for WakeOnDrop {
+    fn drop(&mut self) {
+        self.0.wake();
+    }
+}
+
+impl CoSleep {
     /// Wakes the sleeping coroutine, if any; returns whether one slept
     /// (QEMU's `qemu_co_sleep_wake`). Any thread.
     #[doc(alias = "qemu_co_sleep_wake")]
