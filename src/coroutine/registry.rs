@@ -80,8 +80,10 @@ impl Links {
 
 /// The list of the coroutines one resumer resumes.
 pub(crate) struct CoList {
-    /// Boxed: its address is stable while nodes point to it.
-    sentinel: Box<Links>,
+    /// Inline (no allocation per resumer): it points to itself only from
+    /// the first `link` on, when the list sits at its final address inside
+    /// its resumer's `Arc` (a `CoList` is never moved once linked into).
+    sentinel: Links,
     closed: Cell<bool>,
 }
 
@@ -95,12 +97,8 @@ unsafe impl Sync for CoList {}
 
 impl CoList {
     pub(crate) fn new() -> CoList {
-        let sentinel = Box::new(Links::new());
-        let p: *const Links = &*sentinel;
-        sentinel.prev.set(p);
-        sentinel.next.set(p);
         CoList {
-            sentinel,
+            sentinel: Links::new(),
             closed: Cell::new(false),
         }
     }
@@ -115,6 +113,11 @@ impl CoList {
         if self.closed.get() {
             h.cancelling.set(true);
         }
+        if !self.sentinel.is_linked() {
+            let p: *const Links = &self.sentinel;
+            self.sentinel.prev.set(p);
+            self.sentinel.next.set(p);
+        }
         h.links.insert_after(&self.sentinel);
     }
 
@@ -126,7 +129,10 @@ impl CoList {
     pub(crate) fn cancel_all(&self) -> Option<Box<dyn std::any::Any + Send>> {
         self.closed.set(true);
         let mut first = None;
-        let end: *const Links = &*self.sentinel;
+        let end: *const Links = &self.sentinel;
+        if !self.sentinel.is_linked() {
+            return None; // nothing was ever linked
+        }
         loop {
             let mut n = self.sentinel.next.get();
             let mut target = None;
@@ -168,6 +174,9 @@ impl Drop for CoList {
     fn drop(&mut self) {
         // Every coroutine holds its resumer (and so this list) until it
         // finishes and unlinks: nothing can be linked here any more.
-        debug_assert_eq!(self.sentinel.next.get(), &*self.sentinel as *const Links);
+        debug_assert!(
+            !self.sentinel.is_linked()
+                || self.sentinel.next.get() == &self.sentinel as *const Links
+        );
     }
 }
