@@ -175,8 +175,7 @@ impl Drop for CoList {
         // Every coroutine holds its resumer (and so this list) until it
         // finishes and unlinks: nothing can be linked here any more.
         debug_assert!(
-            !self.sentinel.is_linked()
-                || self.sentinel.next.get() == &self.sentinel as *const Links
+            !self.sentinel.is_linked() || std::ptr::eq(self.sentinel.next.get(), &self.sentinel)
         );
     }
 }
