@@ -1007,9 +1007,15 @@ fn shutdown_cancels_the_coroutines_it_resumes_and_schedules_after_it_do_nothing(
     assert_eq!(co.take_result(), None, "finished without a result");
     ctx.co_schedule(&co);
     assert!(!ctx.poll(false), "poll has nothing to run after shutdown");
-    // A coroutine created afterwards has no resumer (the context is dead).
-    let late = Coroutine::new(|| ());
-    assert!(late.aio_context().is_none());
+    // A coroutine created afterwards belongs to the dead context: it runs
+    // until its first suspension, where it is cancelled.
+    let late = Coroutine::new(|| {
+        coroutine::suspend();
+        1
+    });
+    late.enter();
+    assert!(late.is_finished());
+    assert_eq!(late.take_result(), None);
 }
 
 #[test]

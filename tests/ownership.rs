@@ -552,3 +552,85 @@ fn detach_inside_a_future_is_released_when_it_finishes() {
         assert_eq!(ctx.detached_count(), 0);
     });
 }
+
+/// Found by the third review: a `CoroutineFuture`'s coroutine already
+/// sleeping (or in `CoSleep::sleep_for`, or owning a sleeping child) when
+/// the context shuts down is woken by the shutdown (the timer callbacks
+/// are dropped there) and cancelled; the future resolves instead of
+/// staying pending forever.
+#[test]
+fn future_sleeps_in_progress_end_when_their_context_shuts_down() {
+    on_fresh_thread(|| {
+        type Body = Box<dyn FnOnce()>;
+        let bodies: Vec<(&str, Body)> = vec![
+            (
+                "sleep",
+                Box::new(|| coroutine::sleep(Duration::from_secs(3))),
+            ),
+            (
+                "CoSleep::sleep_for",
+                Box::new(|| {
+                    coroloop::sync::CoSleep::new()
+                        .sleep_for(coroloop::aio::ClockType::Realtime, Duration::from_secs(3));
+                }),
+            ),
+            (
+                "a sleeping child",
+                Box::new(|| {
+                    Coroutine::new(|| coroutine::sleep(Duration::from_secs(3))).enter();
+                }),
+            ),
+        ];
+        for (name, body) in bodies {
+            let ctx = AioContext::new().unwrap();
+            let mut fut = Box::pin(CoroutineFuture::new(body));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(fut.as_mut().poll(&mut cx).is_pending(), "{name}");
+            ctx.shutdown();
+            let mut ended = false;
+            for _ in 0..3 {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    fut.as_mut().poll(&mut cx)
+                }));
+                match r {
+                    Ok(std::task::Poll::Pending) => continue,
+                    Ok(std::task::Poll::Ready(())) | Err(_) => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            assert!(
+                ended,
+                "{name}: the future still waits after its context shut down"
+            );
+        }
+    });
+}
+
+/// Found by the third review: a destructor run by `shutdown` that creates
+/// a coroutine which sleeps or is detached must not panic (the process
+/// aborted): the coroutine belongs to the dying context and is cancelled.
+#[test]
+fn coroutines_made_by_destructors_during_shutdown_are_cancelled_quietly() {
+    on_fresh_thread(|| {
+        struct MakesCoroutines;
+        impl Drop for MakesCoroutines {
+            fn drop(&mut self) {
+                let a = Coroutine::new(|| coroutine::sleep(Duration::from_secs(1)));
+                a.enter();
+                assert!(a.is_finished());
+                let b = Coroutine::new(coroutine::suspend);
+                b.enter();
+                b.detach();
+            }
+        }
+        let ctx = AioContext::new().unwrap();
+        let m = MakesCoroutines;
+        ctx.bh_schedule_oneshot_local(move || {
+            let _m = &m;
+        });
+        ctx.shutdown();
+        assert_eq!(ctx.detached_count(), 0);
+    });
+}

@@ -130,9 +130,10 @@ pub(crate) fn thread_default_resumer() -> Option<(Arc<dyn Resumer>, *const CoLis
         home = home_default()?;
         &*home
     };
-    if inner.is_dead() {
-        return None; // a shut-down context resumes nothing
-    }
+    // A shut-down context stays the resumer: its list is closed, so a
+    // coroutine created now (by a destructor its shutdown runs, say) is
+    // cancelled at its first suspension, and `detach`, `sleep` and fd
+    // waits on it cancel or fail cleanly instead of panicking.
     let r = inner.co.resumer.get()?;
     let list: *const CoList = &r.list;
     Some((r.clone() as Arc<dyn Resumer>, list))

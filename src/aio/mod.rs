@@ -563,16 +563,22 @@ impl AioContext {
         // During the thread's teardown there is no default any more.
         let _ = HOME_DEFAULT.try_with(|d| {
             let mut d = d.ctx.borrow_mut();
-            if d.as_ref().and_then(Weak::upgrade).is_none() {
+            // A shut-down default gives way to the new context.
+            if d.as_ref()
+                .and_then(Weak::upgrade)
+                .is_none_or(|c| c.is_dead())
+            {
                 *d = Some(Arc::downgrade(&inner));
             }
         });
         Ok(AioContext::from_inner(inner))
     }
 
-    /// The context whose `poll` is running on this thread, else the first
-    /// live context created on this thread (QEMU's
-    /// `qemu_get_current_aio_context`).
+    /// The context whose `poll` is running on this thread, else the
+    /// thread's default context: the first one created on this thread that
+    /// is still alive (a default that was shut down stays the default, so
+    /// coroutines created meanwhile belong to it and are cancelled, until
+    /// a new context is created) — QEMU's `qemu_get_current_aio_context`.
     #[doc(alias = "qemu_get_current_aio_context")]
     pub fn current() -> Option<AioContext> {
         let running = running_inner();

@@ -283,6 +283,17 @@ impl Timers {
             }
             e.node.refire.set(false);
         }
+        // The callbacks go now, on the home thread, even those whose node
+        // a `Timer` handle keeps (a sleeping coroutine's own timer lives on
+        // its stack): a wait's callback dropped unrun wakes its waiter,
+        // which then finds the context dead instead of sleeping forever.
+        for Reverse(e) in &entries {
+            if let Ok(mut cb) = e.node.cb.try_borrow_mut() {
+                let old = std::mem::replace(&mut *cb, Box::new(|| {}));
+                drop(cb);
+                panics.catch(|| drop(old));
+            }
+        }
         for e in entries {
             panics.catch(|| drop(e));
         }
