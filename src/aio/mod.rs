@@ -564,10 +564,8 @@ impl AioContext {
         let _ = HOME_DEFAULT.try_with(|d| {
             let mut d = d.ctx.borrow_mut();
             // A shut-down default gives way to the new context.
-            if d.as_ref()
-                .and_then(Weak::upgrade)
-                .is_none_or(|c| c.is_dead())
-            {
+            let live = d.as_ref().and_then(Weak::upgrade);
+            if !live.is_some_and(|c| !c.is_dead()) {
                 *d = Some(Arc::downgrade(&inner));
             }
         });
