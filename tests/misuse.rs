@@ -1007,15 +1007,16 @@ fn shutdown_cancels_the_coroutines_it_resumes_and_schedules_after_it_do_nothing(
     assert_eq!(co.take_result(), None, "finished without a result");
     ctx.co_schedule(&co);
     assert!(!ctx.poll(false), "poll has nothing to run after shutdown");
-    // A coroutine created afterwards belongs to the dead context: it runs
-    // until its first suspension, where it is cancelled.
+    // A coroutine created afterwards has no resumer (the context resumes
+    // nothing any more): a bare coroutine, owned by its handles.
     let late = Coroutine::new(|| {
         coroutine::suspend();
         1
     });
+    assert!(late.aio_context().is_none());
     late.enter();
-    assert!(late.is_finished());
-    assert_eq!(late.take_result(), None);
+    late.enter();
+    assert_eq!(late.take_result(), Some(1));
 }
 
 #[test]

@@ -130,10 +130,15 @@ pub(crate) fn thread_default_resumer() -> Option<(Arc<dyn Resumer>, *const CoLis
         home = home_default()?;
         &*home
     };
-    // A shut-down context stays the resumer: its list is closed, so a
-    // coroutine created now (by a destructor its shutdown runs, say) is
-    // cancelled at its first suspension, and `detach`, `sleep` and fd
-    // waits on it cancel or fail cleanly instead of panicking.
+    // While its shutdown runs, a context stays the resumer of coroutines
+    // created (by the destructors the shutdown runs): its list is closed,
+    // so they are cancelled at their first suspension, and `detach`,
+    // `sleep` and fd waits on them cancel or fail cleanly instead of
+    // panicking. Once the shutdown is over it resumes nothing: coroutines
+    // created then are bare, owned by their handles alone.
+    if inner.is_shut() {
+        return None;
+    }
     let r = inner.co.resumer.get()?;
     let list: *const CoList = &r.list;
     Some((r.clone() as Arc<dyn Resumer>, list))

@@ -210,6 +210,8 @@ pub(crate) struct Inner {
     /// during the shutdown (by a destructor it runs) must not start another
     /// one, nested on the stack.
     closing: AtomicBool,
+    /// Set when `shutdown` has finished.
+    shut: AtomicBool,
     /// `AioContext` handles (the `Arc` also counts internal references).
     handles: AtomicUsize,
     poll_max_ns: AtomicI64,
@@ -271,6 +273,11 @@ impl Inner {
 
     pub(crate) fn timers(&self) -> &timer::Timers {
         &self.local().timers
+    }
+
+    /// Whether `shutdown` has finished (not merely started).
+    pub(crate) fn is_shut(&self) -> bool {
+        self.shut.load(Ordering::Acquire)
     }
 
     #[inline]
@@ -543,6 +550,7 @@ impl AioContext {
             virtual_ns: AtomicI64::new(0),
             dead: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            shut: AtomicBool::new(false),
             handles: AtomicUsize::new(0),
             poll_max_ns: AtomicI64::new(0),
             poll_grow: AtomicI64::new(0),
@@ -574,9 +582,10 @@ impl AioContext {
 
     /// The context whose `poll` is running on this thread, else the
     /// thread's default context: the first one created on this thread that
-    /// is still alive (a default that was shut down stays the default, so
-    /// coroutines created meanwhile belong to it and are cancelled, until
-    /// a new context is created) — QEMU's `qemu_get_current_aio_context`.
+    /// is still alive (a default that was shut down gives way to the next
+    /// context created) — QEMU's `qemu_get_current_aio_context`. A shut-down
+    /// context resumes no coroutine created after its shutdown: those are
+    /// bare, owned by their handles alone.
     #[doc(alias = "qemu_get_current_aio_context")]
     pub fn current() -> Option<AioContext> {
         let running = running_inner();
@@ -1008,6 +1017,7 @@ impl AioContext {
             "AioContext::shutdown left home-thread state behind: {:?}",
             local.leftovers()
         );
+        self.inner.shut.store(true, Ordering::Release);
         panics.finish();
     }
 }

@@ -343,7 +343,8 @@ impl Drop for Returned<'_> {
 /// coroutine suspended inside it), it fires once more when the callback
 /// returns, unless it is re-armed or deleted before. Meanwhile it is not
 /// [pending](Self::is_pending). After [`AioContext::shutdown`] a timer is
-/// disarmed and cannot be armed again.
+/// disarmed and cannot be armed again; if it was armed, its callback (and
+/// what it captured) was dropped by the shutdown, on the home thread.
 ///
 /// Its callback need not be `Send`, so the timer stays on the home thread:
 ///

@@ -125,7 +125,10 @@ fn req_bit(kind: CoReqKind) -> u8 {
 ///   thread) queues it and wakes the task that polls the future;
 /// * the coroutines created inside it have the future as their resumer:
 ///   one whose last handle is dropped while it is suspended is taken over
-///   by the future and runs on while the future is polled;
+///   by the future and runs on while the future is polled, and the future
+///   completes only once those have finished too (so such a coroutine must
+///   not wait for something that only happens after the future completes:
+///   keep its handle, or `cancel()` it, instead);
 /// * dropping the future cancels (unwinds) its coroutine and every
 ///   coroutine it resumes, whoever holds their handles (their destructors
 ///   run);
