@@ -884,14 +884,29 @@ fn a_suspended_coroutine_is_not_resumed_during_teardown() {
 /// Resource deadlock avoided" panicked inside the callback.)
 #[test]
 fn an_iothread_dropped_by_its_own_callback_stops_without_panicking() {
+    struct SaysWhenTheThreadEnds(std::sync::mpsc::Sender<()>);
+    impl Drop for SaysWhenTheThreadEnds {
+        fn drop(&mut self) {
+            let _ = self.0.send(());
+        }
+    }
+    thread_local! {
+        static ENDS: RefCell<Option<SaysWhenTheThreadEnds>> = const { RefCell::new(None) };
+    }
     let io = IoThread::spawn("drops-itself").unwrap();
     let ctx = io.context().clone();
     let (tx, rx) = std::sync::mpsc::channel();
+    let (end_tx, end_rx) = std::sync::mpsc::channel();
     ctx.bh_schedule_oneshot(move || {
+        ENDS.with(|e| *e.borrow_mut() = Some(SaysWhenTheThreadEnds(end_tx)));
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(io)));
         tx.send(r.is_ok()).unwrap();
     });
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(true));
+    // The detached thread ends by itself (its thread-locals go).
+    end_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the IoThread's thread ended");
     // The loop ends after that callback: the context shuts down.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let (tx, rx) = std::sync::mpsc::channel::<()>();
