@@ -15,7 +15,7 @@ use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use coroloop::aio::{AioContext, ClockType, IoThread};
@@ -23,7 +23,7 @@ use coroloop::coroutine::{self, Coroutine};
 use coroloop::future::CoroutineFuture;
 
 mod common;
-use common::{on_fresh_thread as with_watchdog, panic_message, payload_message};
+use common::{captured_logs, on_fresh_thread as with_watchdog, panic_message, payload_message};
 
 /// Polls (blocking) until one `poll` panics, and returns its message.
 /// Fails if none does within 5 s.
@@ -566,32 +566,6 @@ fn a_sleeping_coroutine_panic_unwinds_out_of_the_poll_running_its_timer() {
 }
 
 // ---- IoThread ----
-
-/// Captures the log lines of this test binary.
-struct Capture(Mutex<Vec<String>>);
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("{} {}", record.level(), record.args()));
-    }
-    fn flush(&self) {}
-}
-
-fn captured_logs() -> &'static Capture {
-    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let c: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
-        log::set_logger(c).expect("the only logger of this test binary");
-        log::set_max_level(log::LevelFilter::Trace);
-        c
-    })
-}
 
 /// Waits (bounded) for a log line equal to `line`.
 fn wait_for_log(line: &str) {

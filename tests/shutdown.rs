@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use coroloop::aio::{AioContext, ClockType, Timer};
 use coroloop::coroutine::{self, Coroutine};
 
 mod common;
-use common::{on_fresh_thread, payload_message};
+use common::{captured_logs, on_fresh_thread, payload_message};
 
 /// Where each canary was dropped: its name and whether that was on the
 /// thread that created it.
@@ -61,32 +61,6 @@ impl Drop for Canary {
         let home = thread::current().id() == self.home;
         self.drops.0.lock().unwrap().push((self.name, home));
     }
-}
-
-/// Captures the log lines of this test binary.
-struct Capture(Mutex<Vec<String>>);
-
-impl log::Log for Capture {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
-    }
-    fn log(&self, record: &log::Record<'_>) {
-        self.0
-            .lock()
-            .unwrap()
-            .push(format!("{} {}", record.level(), record.args()));
-    }
-    fn flush(&self) {}
-}
-
-fn captured_logs() -> &'static Capture {
-    static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
-    CAPTURE.get_or_init(|| {
-        let c: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
-        log::set_logger(c).expect("the only logger of this test binary");
-        log::set_max_level(log::LevelFilter::Trace);
-        c
-    })
 }
 
 fn logged(line: &str) -> bool {

@@ -598,6 +598,19 @@ fn run_child(test: &str) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs the test `test` as a child process and checks that its spawned
+/// thread exited cleanly (no abort).
+fn assert_child_exits_cleanly(test: &str) {
+    let out = run_child(test);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("CHILD: thread exited cleanly"),
+        "status {:?}, stderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A destructor of a panicking coroutine that tries to suspend is refused
 /// with a message (and, being a panic during unwinding, aborts). Before the
 /// fix the suspension went through and the thread's panic count leaked to
@@ -695,13 +708,8 @@ fn a_coroutine_waiting_for_an_fd_dropped_at_thread_exit_does_not_abort() {
         println!("CHILD: thread exited cleanly");
         return;
     }
-    let out = run_child("a_coroutine_waiting_for_an_fd_dropped_at_thread_exit_does_not_abort");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("CHILD: thread exited cleanly"),
-        "status {:?}, stderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+    assert_child_exits_cleanly(
+        "a_coroutine_waiting_for_an_fd_dropped_at_thread_exit_does_not_abort",
     );
 }
 
@@ -727,14 +735,7 @@ fn a_coroutine_in_await_future_dropped_at_thread_exit_does_not_abort() {
         println!("CHILD: thread exited cleanly");
         return;
     }
-    let out = run_child("a_coroutine_in_await_future_dropped_at_thread_exit_does_not_abort");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("CHILD: thread exited cleanly"),
-        "status {:?}, stderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_child_exits_cleanly("a_coroutine_in_await_future_dropped_at_thread_exit_does_not_abort");
 }
 
 /// A late thread-local destructor that asks for the current context or
@@ -767,14 +768,24 @@ fn coroloop_calls_from_a_late_thread_local_destructor_do_not_abort() {
         println!("CHILD: thread exited cleanly");
         return;
     }
-    let out = run_child("coroloop_calls_from_a_late_thread_local_destructor_do_not_abort");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("CHILD: thread exited cleanly"),
-        "status {:?}, stderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_child_exits_cleanly("coroloop_calls_from_a_late_thread_local_destructor_do_not_abort");
+}
+
+/// A thread-local that resumes (then drops) the coroutine it holds when it
+/// is destroyed.
+struct Resumes(RefCell<Option<Coroutine>>);
+
+impl Drop for Resumes {
+    fn drop(&mut self) {
+        if let Some(co) = self.0.borrow_mut().take() {
+            if !co.is_finished() {
+                co.enter();
+            }
+            // Dropped during the teardown: leaked by coroloop if still
+            // suspended (its header is not, so nothing else leaks).
+            drop(co);
+        }
+    }
 }
 
 /// A suspended coroutine is not *resumed* once teardown began either: a
@@ -786,19 +797,6 @@ fn a_suspended_coroutine_is_not_resumed_during_teardown_on_an_iothread() {
     static GONE: AtomicBool = AtomicBool::new(false);
     static RAN: AtomicUsize = AtomicUsize::new(0);
     static ON_FREED: AtomicUsize = AtomicUsize::new(0);
-    struct Resumes(RefCell<Option<Coroutine>>);
-    impl Drop for Resumes {
-        fn drop(&mut self) {
-            if let Some(co) = self.0.borrow_mut().take() {
-                if !co.is_finished() {
-                    co.enter();
-                }
-                // Dropped during the teardown: leaked by coroloop if still
-                // suspended (its header is not, so nothing else leaks).
-                drop(co);
-            }
-        }
-    }
     thread_local! {
         static HOLD: Resumes = const { Resumes(RefCell::new(None)) };
         static DATA: Data = const { Data { gone: &GONE } };
@@ -841,19 +839,6 @@ fn a_suspended_coroutine_is_not_resumed_during_teardown() {
     static GONE: AtomicBool = AtomicBool::new(false);
     static RAN: AtomicUsize = AtomicUsize::new(0);
     static ON_FREED: AtomicUsize = AtomicUsize::new(0);
-    struct Resumes(RefCell<Option<Coroutine>>);
-    impl Drop for Resumes {
-        fn drop(&mut self) {
-            if let Some(co) = self.0.borrow_mut().take() {
-                if !co.is_finished() {
-                    co.enter();
-                }
-                // Dropped during the teardown: leaked by coroloop if still
-                // suspended (its header is not, so nothing else leaks).
-                drop(co);
-            }
-        }
-    }
     thread_local! {
         static HOLD: Resumes = const { Resumes(RefCell::new(None)) };
         static DATA: Data = const { Data { gone: &GONE } };

@@ -41,3 +41,29 @@ pub(crate) fn on_fresh_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 
         Err(_) => panic!("watchdog: no result within 10 s (a hang or an endless loop)"),
     }
 }
+
+/// Captures the log lines of this test binary.
+pub(crate) struct Capture(pub(crate) std::sync::Mutex<Vec<String>>);
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", record.level(), record.args()));
+    }
+    fn flush(&self) {}
+}
+
+pub(crate) fn captured_logs() -> &'static Capture {
+    static CAPTURE: std::sync::OnceLock<&'static Capture> = std::sync::OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let c: &'static Capture = Box::leak(Box::new(Capture(std::sync::Mutex::new(Vec::new()))));
+        log::set_logger(c).expect("the only logger of this test binary");
+        log::set_max_level(log::LevelFilter::Trace);
+        c
+    })
+}
