@@ -263,6 +263,25 @@ unsafe impl Sync for BhQueues {}
 unsafe impl Send for BhQueues {}
 
 impl BhQueues {
+    /// Whether the home-thread lists (the local list and the slices being
+    /// processed) link any node: their callbacks may be bound to the home
+    /// thread. For the context's last reference (`&mut`: no one else
+    /// touches them).
+    pub(crate) fn has_home_nodes(&mut self) -> bool {
+        !self.local.get_mut().is_empty() || self.slices.get_mut().iter().any(|c| !c.is_empty())
+    }
+
+    /// As `has_home_nodes`, on the home thread through a shared reference.
+    pub(crate) fn has_home_nodes_shared(&self) -> bool {
+        let local = self.local.replace(Chain::EMPTY);
+        let any = !local.is_empty();
+        self.local.set(local);
+        any || self
+            .slices
+            .try_borrow()
+            .map_or(true, |s| s.iter().any(|c| !c.is_empty()))
+    }
+
     pub(crate) fn new() -> BhQueues {
         BhQueues {
             remote: RemoteStack::new(),

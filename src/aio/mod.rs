@@ -325,6 +325,23 @@ impl Local {
     }
 }
 
+impl Inner {
+    /// At the home thread's teardown: what this live context still holds
+    /// that nothing will drop unless a handle does later (its callbacks,
+    /// tasks, detached coroutines, BHs), or `None`. Home thread only.
+    pub(crate) fn held_at_thread_exit(&self) -> Option<String> {
+        let mut what: Vec<String> = self.local().leftovers().into_iter().collect();
+        let tasks = self.tasks.live();
+        if tasks > 0 {
+            what.push(format!("{tasks} task(s)"));
+        }
+        if self.bh.has_home_nodes_shared() {
+            what.push("bottom halves".to_string());
+        }
+        (!what.is_empty()).then(|| what.join(", "))
+    }
+}
+
 /// Panics caught while a context is torn down, so that every piece of the
 /// teardown runs even if a destructor panics: the first panic is resumed
 /// by [`finish`](Self::finish), the others are logged.
@@ -425,7 +442,20 @@ impl Drop for Inner {
         // short by a panicking destructor both left callbacks behind, and
         // this drop ran their destructors, `Rc`s included, on the wrong
         // thread). Whatever is left is leaked instead.
-        let leftovers = if home { None } else { local.leftovers() };
+        let leftovers = if home {
+            None
+        } else {
+            // BH nodes still on the home lists (a `LocalBh` dropped or a
+            // oneshot scheduled on the home thread, not dispatched since)
+            // may hold callbacks bound to the home thread: they are leaked
+            // with the rest (found by the API fuzzer; they used to be
+            // leaked without a word).
+            let bhs = self.bh.has_home_nodes().then(|| "bottom halves".to_string());
+            match (local.leftovers(), bhs) {
+                (Some(a), Some(b)) => Some(format!("{a}, {b}")),
+                (a, b) => a.or(b),
+            }
+        };
         match leftovers {
             None => panics.catch(|| {
                 // SAFETY: this is the last reference, and either we are on
@@ -568,6 +598,7 @@ impl AioContext {
             })),
         });
         inner.co.set_resumer(&inner);
+        file::register_thread_context(&inner);
         // During the thread's teardown there is no default any more.
         let _ = HOME_DEFAULT.try_with(|d| {
             let mut d = d.ctx.borrow_mut();

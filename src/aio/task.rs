@@ -119,6 +119,15 @@ impl TaskQueues {
         self.send.is_empty() && self.local.is_empty()
     }
 
+    /// Tasks whose future is still alive (queued or waiting).
+    pub(crate) fn live(&self) -> usize {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .tasks
+            .len()
+    }
+
     /// Home thread: drops every queued task (cancelling it), each future's
     /// panicking destructor caught by `panics`, until both queues are empty
     /// (a destructor may wake, and so queue, another task).

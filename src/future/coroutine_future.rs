@@ -132,7 +132,10 @@ fn req_bit(kind: CoReqKind) -> u8 {
 /// * dropping the future cancels (unwinds) its coroutine and every
 ///   coroutine it resumes, whoever holds their handles (their destructors
 ///   run);
-/// * a panic inside resurfaces from `poll`.
+/// * a panic inside resurfaces from `poll`;
+/// * if its coroutine is cancelled instead of returning (the `AioContext`
+///   it waited on shut down, or `cancel()` on a handle of it), `poll`
+///   panics with a message that says so: there is no value to return.
 ///
 /// It is `!Send`, like the coroutine: spawn it with
 /// `smol::LocalExecutor`, tokio's `LocalSet`, a `block_on`, or

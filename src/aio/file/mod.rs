@@ -192,8 +192,8 @@ impl Engines {
     }
 }
 
-/// The contexts of this thread that set up a file engine, for the
-/// thread's teardown (hole 4 of the soundness review).
+/// The contexts homed on this thread, for the thread's teardown (hole 4
+/// of the soundness review, and the API fuzzer's silent leak).
 ///
 /// A request's buffer may live in a thread-local (a coroutine suspended in
 /// `read_at` inside `LocalKey::with`). At thread exit std frees
@@ -210,9 +210,14 @@ impl Engines {
 /// other threads (a thread-local first used after every coroloop
 /// thread-local, lent to a request still in the kernel when it is
 /// destroyed) is stated in the crate docs.
-struct ThreadEngines(RefCell<Vec<std::sync::Weak<super::Inner>>>);
+///
+/// The same hook logs each context that is still alive, not shut down and
+/// holding callbacks, tasks or coroutines: if a handle held inside one of
+/// them keeps the context alive (a cycle), nothing else would ever say
+/// they are leaked.
+struct ThreadContexts(RefCell<Vec<std::sync::Weak<super::Inner>>>);
 
-impl Drop for ThreadEngines {
+impl Drop for ThreadContexts {
     fn drop(&mut self) {
         // Begins the teardown (whose hook finds this registry gone), then
         // tears down what the registry held.
@@ -222,38 +227,68 @@ impl Drop for ThreadEngines {
 }
 
 thread_local! {
-    static THREAD_ENGINES: ThreadEngines = const { ThreadEngines(RefCell::new(Vec::new())) };
+    static THREAD_CONTEXTS: ThreadContexts = const { ThreadContexts(RefCell::new(Vec::new())) };
 }
 
 fn teardown_list(list: Vec<std::sync::Weak<super::Inner>>) {
     for inner in list.iter().filter_map(std::sync::Weak::upgrade) {
         debug_assert!(inner.is_home());
         inner.local().engines.teardown();
+        if inner.is_dead() {
+            continue;
+        }
+        if let Some(what) = inner.held_at_thread_exit() {
+            log::warn!(
+                "coroloop: the home thread of AioContext {:?} is exiting while the context \
+                 is alive and not shut down; it holds {what}, which are leaked unless a \
+                 handle of the context is dropped later (call shutdown() before the thread \
+                 exits)",
+                inner.name
+            );
+        }
     }
 }
 
-/// Records that a context of this thread set up an engine; fails once the
-/// thread's teardown has begun (nothing would reap the requests).
-fn register_engine_context(inner: &std::sync::Arc<super::Inner>) -> io::Result<()> {
-    let exiting = || io::Error::other("the thread is exiting: no file engine can be set up");
+/// Records a context created on this thread (its teardown reaps the
+/// context's requests and reports what it still holds).
+pub(crate) fn register_thread_context(inner: &std::sync::Arc<super::Inner>) {
     if crate::coroutine::thread_tearing_down() {
-        return Err(exiting());
+        return;
     }
-    crate::coroutine::set_thread_teardown_hook(teardown_registered_engines);
-    THREAD_ENGINES
-        .try_with(|t| {
-            let mut v = t.0.borrow_mut();
-            v.retain(|w| w.strong_count() > 0);
+    crate::coroutine::set_thread_teardown_hook(teardown_registered_contexts);
+    let _ = THREAD_CONTEXTS.try_with(|t| {
+        let mut v = t.0.borrow_mut();
+        v.retain(|w| w.strong_count() > 0);
+        v.push(std::sync::Arc::downgrade(inner));
+    });
+}
+
+/// Fails once the thread's teardown has begun: nothing would reap the
+/// requests of an engine set up then.
+fn register_engine_context(inner: &std::sync::Arc<super::Inner>) -> io::Result<()> {
+    if crate::coroutine::thread_tearing_down() {
+        return Err(io::Error::other(
+            "the thread is exiting: no file engine can be set up",
+        ));
+    }
+    // Contexts created during the teardown are not listed: list this one
+    // now if it is missing (an engine set up before the teardown).
+    let _ = THREAD_CONTEXTS.try_with(|t| {
+        let mut v = t.0.borrow_mut();
+        let p = std::sync::Arc::as_ptr(inner);
+        if !v.iter().any(|w| std::sync::Weak::as_ptr(w) == p) {
             v.push(std::sync::Arc::downgrade(inner));
-        })
-        .map_err(|_| exiting())
+        }
+    });
+    crate::coroutine::set_thread_teardown_hook(teardown_registered_contexts);
+    Ok(())
 }
 
 /// The thread's teardown hook (see `coroutine/teardown.rs`): cancels and
-/// reaps every file request of the contexts homed on this thread and stops
-/// their engines for good.
-fn teardown_registered_engines() {
-    let list = THREAD_ENGINES
+/// reaps every file request of the contexts homed on this thread, stops
+/// their engines for good, and logs the live ones that hold something.
+fn teardown_registered_contexts() {
+    let list = THREAD_CONTEXTS
         .try_with(|t| std::mem::take(&mut *t.0.borrow_mut()))
         .unwrap_or_default();
     teardown_list(list);

@@ -1,0 +1,42 @@
+//! Programs the fuzzer found failing, shrunk and printed by it (see
+//! RELIABILITY.md, "API fuzzer"), each with the fix it led to.
+
+#[allow(unused_imports)]
+use crate::program::{Op, Program};
+
+pub(crate) fn programs() -> Vec<(&'static str, Program)> {
+    vec![
+        // Program seed 2006035941381092928: a LocalBh dropped (its node on
+        // the home list until the next poll) on a context whose last
+        // handle then went on another thread. The node and its callback
+        // were leaked without a log line; now the drop reports "bottom
+        // halves" among what it leaks.
+        (
+            "local BH left on a context dropped off its home thread",
+            Program {
+                steps: vec![
+                    (1, Op::BhNew { s: 0, c: 0, local: true, body: vec![] }),
+                    (1, Op::Export { what: 0, s: 0, x: 1 }),
+                ],
+                finish: [0, 1, 0],
+            },
+        ),
+        // Program seed 1331215098954318762: a spawn_local task whose
+        // coroutine holds a handle of its own context (taken with
+        // `AioContext::current()` for an io_uring read) keeps the context
+        // alive through its thread's exit: a cycle, leaked without a word.
+        // Now the thread's teardown logs every live context that was not
+        // shut down and still holds tasks, callbacks or coroutines.
+        (
+            "context kept alive by its own task through thread exit",
+            Program {
+                steps: vec![
+                    (1, Op::SpawnLocal { s: 2, c: 0, body: vec![Op::PipeRead { how: 1 }] }),
+                    (1, Op::CoNew { s: 0, body: vec![Op::Poll { c: 0, blocking: false }] }),
+                    (1, Op::CoEnter { s: 0 }),
+                ],
+                finish: [0, 2, 0],
+            },
+        ),
+    ]
+}
