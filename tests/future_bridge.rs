@@ -723,3 +723,26 @@ fn await_future_old_waker_does_not_poll_the_next_future() {
     ctx.poll_while(|| !co.is_finished());
     assert_eq!(gate.polls(), 2);
 }
+
+/// Found by the API fuzzer (program seed 18249969999573282947): a
+/// `CoroutineFuture` built outside any loop, on a thread whose default
+/// context is another one, and given to `ctx.block_on`, put its sleep's
+/// timer on the default context, which nothing polled: `block_on` hung.
+/// The context that first polls the future serves it now, and inside
+/// `block_on` that context is `AioContext::current()`.
+#[test]
+fn block_on_serves_a_coroutine_future_built_outside_it() {
+    common::on_fresh_thread(|| {
+        let default = AioContext::new().unwrap();
+        let other = AioContext::new().unwrap();
+        let fut = CoroutineFuture::new(|| {
+            coroutine::sleep(Duration::from_micros(64));
+            AioContext::current().unwrap()
+        });
+        let served_by = other.block_on(fut);
+        assert!(served_by.ptr_eq(&other));
+        let inside = other.block_on(async { AioContext::current().unwrap() });
+        assert!(inside.ptr_eq(&other));
+        drop(default);
+    });
+}

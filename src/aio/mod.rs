@@ -1070,12 +1070,14 @@ pub(crate) fn running_inner() -> *const Inner {
 /// the soundness review:
 /// a guard that saved and restored the thread's value put back, after a
 /// later resumption, a context that had been freed meanwhile.
-struct RunningGuard {
+pub(crate) struct RunningGuard {
     prev: *const (),
 }
 
 impl RunningGuard {
-    fn enter(inner: &Inner) -> RunningGuard {
+    /// Makes `inner` this stack's running context (`AioContext::current`)
+    /// until the guard drops; the caller keeps `inner` alive meanwhile.
+    pub(crate) fn enter(inner: &Inner) -> RunningGuard {
         RunningGuard {
             prev: crate::coroutine::push_loop((inner as *const Inner).cast()),
         }

@@ -410,7 +410,16 @@ impl AioContext {
         let mut fut = pin!(fut.into_future());
         loop {
             if signal.fired.swap(false, Ordering::Acquire) {
-                if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                // The future runs as part of this context's loop: inside
+                // it, `AioContext::current()` is this context (a
+                // `CoroutineFuture` first polled here takes its timers and
+                // fd waits here; with the thread's default context, which
+                // nothing polls meanwhile, they would never fire).
+                let polled = {
+                    let _running = super::RunningGuard::enter(&self.inner);
+                    fut.as_mut().poll(&mut cx)
+                };
+                if let Poll::Ready(v) = polled {
                     return v;
                 }
                 // Woken during poll: run one non-blocking pass, then poll

@@ -29,9 +29,11 @@ pub(crate) struct FutureResumer {
     waker: AtomicWaker,
     /// Set while the future is being polled (home thread only).
     polling: AtomicBool,
-    /// The context current when the future was created: its timers, fd
-    /// handlers and thread pool serve the coroutines inside.
-    ctx: Option<Weak<Inner>>,
+    /// The context current when the future was first polled (else when it
+    /// was created): its timers, fd handlers and thread pool serve the
+    /// coroutines inside. Set once, by the first poll.
+    polled_ctx: std::sync::OnceLock<Option<Weak<Inner>>>,
+    created_ctx: Option<Weak<Inner>>,
     /// Every coroutine the future resumes: cancelled when it is dropped.
     list: CoList,
     /// The coroutines it owns: created inside it, their last handle gone.
@@ -60,10 +62,11 @@ impl Resumer for FutureResumer {
     }
 
     fn aio_context(&self) -> Option<AioContext> {
-        self.ctx
-            .as_ref()
-            .and_then(Weak::upgrade)
-            .map(AioContext::from_inner)
+        match self.polled_ctx.get() {
+            Some(Some(c)) => c.upgrade(),
+            _ => self.created_ctx.as_ref().and_then(Weak::upgrade),
+        }
+        .map(AioContext::from_inner)
     }
 
     fn coroutines(&self) -> Option<&CoList> {
@@ -205,7 +208,8 @@ impl<T: 'static> CoroutineFuture<T> {
             queue: ConcurrentQueue::unbounded(),
             waker: AtomicWaker::new(),
             polling: AtomicBool::new(false),
-            ctx: AioContext::current().map(|c| Arc::downgrade(&c.inner)),
+            polled_ctx: std::sync::OnceLock::new(),
+            created_ctx: AioContext::current().map(|c| Arc::downgrade(&c.inner)),
             list: CoList::new(),
             owned: Owned(Default::default()),
         });
@@ -262,6 +266,15 @@ impl<T: 'static> Future for CoroutineFuture<T> {
         let _polling = Polling(&this.res);
         if !this.started {
             this.started = true;
+            // The context polling it now (a `block_on`, a `spawn_local`
+            // task, a nested executor inside a loop) serves it, rather than
+            // the one current where it was built (found by the API fuzzer:
+            // a future built outside any loop and given to another
+            // context's `block_on` put its timers on the thread's default
+            // context, which nothing polled: a sleep that never ended).
+            if let Some(c) = AioContext::current() {
+                let _ = this.res.polled_ctx.set(Some(Arc::downgrade(&c.inner)));
+            }
             this.co.enter();
         } else {
             let req = if this.co.is_finished() {

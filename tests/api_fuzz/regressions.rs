@@ -38,5 +38,20 @@ pub(crate) fn programs() -> Vec<(&'static str, Program)> {
                 finish: [0, 2, 0],
             },
         ),
+        // Program seed 18249969999573282947: `block_on` of a
+        // CoroutineFuture built outside any loop on a thread whose default
+        // context is another one: its sleep's timer went to the default
+        // context, which nothing polled, and `block_on` hung. Now the
+        // context that first polls the future serves it.
+        (
+            "block_on of a CoroutineFuture built outside it",
+            Program {
+                steps: vec![
+                    (1, Op::CtxNew { c: 1, uring: false }),
+                    (1, Op::BlockOn { c: 1, body: vec![Op::Sleep { us: 64 }] }),
+                ],
+                finish: [0, 2, 2],
+            },
+        ),
     ]
 }

@@ -371,7 +371,9 @@ impl LinuxAio {
             {
                 let pending = self.pending.borrow();
                 let mut iocbs = self.iocbs.borrow_mut();
+                let reqs = self.reqs.borrow();
                 for &idx in pending.iter().take(room) {
+                    reqs.assert_owner_alive(idx, "LinuxAio");
                     if let Some(cb) = iocbs.get_mut(idx).and_then(Option::as_mut) {
                         ptrs.push(&mut **cb);
                     }

@@ -45,8 +45,27 @@ impl Requests {
     pub(crate) fn complete(&mut self, idx: usize, res: i64) -> Option<RemoteCoroutine> {
         let slot = self.slab.get_mut(idx)?;
         debug_assert!(slot.result.is_none(), "request {idx} completed twice");
+        // Engine assertion: a request's owner waits until the kernel let go
+        // of its buffers (`wait`'s guard), so it cannot have finished.
+        assert!(
+            !slot.waiter.is_finished(),
+            "coroloop: file engine: request {idx} completed after its coroutine finished \
+             (its buffers may be gone)"
+        );
         slot.result = Some(res);
         Some(slot.waiter.clone())
+    }
+
+    /// Engine assertion, before request `idx` goes to the kernel: its
+    /// owner (the coroutine that lent the buffers) has not finished.
+    pub(crate) fn assert_owner_alive(&self, idx: usize, engine: &str) {
+        if let Some(slot) = self.slab.get(idx) {
+            assert!(
+                !slot.waiter.is_finished(),
+                "coroloop: {engine}: request {idx} submitted after its coroutine finished \
+                 (its buffers may be gone)"
+            );
+        }
     }
 
     /// The result, if the request completed; the slot is freed then.

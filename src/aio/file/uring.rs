@@ -347,6 +347,9 @@ impl IoUring {
             let mut backlog = self.backlog.borrow_mut();
             let mut moved = false;
             while let Some(e) = backlog.front() {
+                self.reqs
+                    .borrow()
+                    .assert_owner_alive(e.get_user_data() as usize, "IoUring");
                 if !self.try_push(e) {
                     break;
                 }
