@@ -540,3 +540,30 @@ impl<T> TapEnter for Coroutine<T> {
         self
     }
 }
+
+/// Found by the API fuzzer (program seed 8454365929731295474): a blocking
+/// `poll` of a shut-down context, from a coroutine, slept until a notify
+/// that nothing would send. It returns `false` at once now; `poll_while`
+/// still sleeps until another thread kicks it.
+#[test]
+fn a_blocking_poll_of_a_shut_down_context_returns() {
+    common::on_fresh_thread(|| {
+        let ctx = AioContext::new().unwrap();
+        ctx.shutdown();
+        assert!(!ctx.poll(true));
+        let c2 = ctx.clone();
+        let co = coroloop::Coroutine::new(move || c2.poll(true));
+        co.enter();
+        assert_eq!(co.take_result(), Some(false));
+        // poll_while: ended by another thread's flag and kick.
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f2 = flag.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            f2.store(true, std::sync::atomic::Ordering::SeqCst);
+            coroloop::aio::wait_kick();
+        });
+        ctx.poll_while(|| !flag.load(std::sync::atomic::Ordering::SeqCst));
+        t.join().unwrap();
+    });
+}

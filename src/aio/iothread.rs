@@ -128,7 +128,7 @@ impl IoThreadBuilder {
                     // A panicking callback must not take the thread down:
                     // log it and keep serving.
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        ctx.poll(true);
+                        ctx.poll_impl(true, true);
                     }));
                     if let Err(p) = r {
                         log_panic("a callback panicked", p);

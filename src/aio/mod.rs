@@ -683,6 +683,12 @@ impl AioContext {
     /// then runs what is ready. Returns whether any callback ran or
     /// coroutine was entered; a `notify` alone is not progress.
     ///
+    /// On a context that was shut down nothing can run any more, so a
+    /// blocking `poll` returns `false` at once instead of waiting for
+    /// something that cannot come ([`poll_while`](Self::poll_while) and
+    /// [`block_on`](Self::block_on) still sleep until notified: what they
+    /// wait for may be done by another thread).
+    ///
     /// # Panics
     ///
     /// Off the home thread (with a message naming the call); and with the
@@ -692,6 +698,12 @@ impl AioContext {
     #[track_caller]
     pub fn poll(&self, blocking: bool) -> bool {
         self.inner.assert_home("AioContext::poll");
+        self.poll_impl(blocking, false)
+    }
+
+    /// `poll`; a blocking one on a shut-down context sleeps until notified
+    /// if `sleep_when_dead` (for loops that wait for another thread).
+    pub(crate) fn poll_impl(&self, blocking: bool, sleep_when_dead: bool) -> bool {
         let inner = &*self.inner;
         let local = inner.local();
         let _running = RunningGuard::enter(inner);
@@ -705,7 +717,11 @@ impl AioContext {
         } else {
             0
         };
-        let mut timeout = if blocking { self.timeout_ns() } else { Some(0) };
+        let mut timeout = if blocking && (sleep_when_dead || !inner.is_dead()) {
+            self.timeout_ns()
+        } else {
+            Some(0)
+        };
         let mut ready: Vec<Ready> = Vec::new();
         let mut progress = false;
 
@@ -949,7 +965,7 @@ impl AioContext {
         self.inner.assert_home("AioContext::poll_while");
         let _w = wait::Waiting::register(self);
         while cond() {
-            self.poll(true);
+            self.poll_impl(true, true);
         }
     }
 

@@ -429,7 +429,7 @@ impl AioContext {
                     continue;
                 }
             }
-            self.poll(true);
+            self.poll_impl(true, true);
         }
     }
 

@@ -53,5 +53,19 @@ pub(crate) fn programs() -> Vec<(&'static str, Program)> {
                 finish: [0, 2, 2],
             },
         ),
+        // Program seed 8454365929731295474: a coroutine's blocking poll of
+        // a shut-down context slept until a notify nothing would send. A
+        // blocking poll of a shut-down context returns at once now.
+        (
+            "blocking poll of a shut-down context",
+            Program {
+                steps: vec![
+                    (1, Op::CtxShutdown { c: 0 }),
+                    (1, Op::CoNew { s: 1, body: vec![Op::Poll { c: 0, blocking: true }] }),
+                    (1, Op::CoWake { s: 1 }),
+                ],
+                finish: [1, 2, 1],
+            },
+        ),
     ]
 }
