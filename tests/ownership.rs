@@ -634,3 +634,27 @@ fn coroutines_made_by_destructors_during_shutdown_are_cancelled_quietly() {
         assert_eq!(ctx.detached_count(), 0);
     });
 }
+
+/// Found by the API fuzzer (program seed 6510184892687580034): a coroutine
+/// detached before it started was adopted by its resumer but never
+/// entered: inside a `CoroutineFuture` (which completes once the
+/// coroutines it took over finish) `block_on` hung; on a context it sat
+/// unrun until shutdown. It starts at the resumer's next pass now.
+#[test]
+fn a_fresh_coroutine_detached_starts() {
+    common::on_fresh_thread(|| {
+        let ctx = AioContext::new().unwrap();
+        let ran = Rc::new(Cell::new(0));
+        let r = ran.clone();
+        Coroutine::new(move || r.set(r.get() + 1)).detach();
+        assert_eq!(ran.get(), 0, "detach does not enter it");
+        ctx.poll(false);
+        assert_eq!(ran.get(), 1);
+        let r = ran.clone();
+        ctx.block_on(coroloop::future::CoroutineFuture::new(move || {
+            let r2 = r.clone();
+            Coroutine::new(move || r2.set(r2.get() + 10)).detach();
+        }));
+        assert_eq!(ran.get(), 11);
+    });
+}

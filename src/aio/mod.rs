@@ -450,7 +450,10 @@ impl Drop for Inner {
             // may hold callbacks bound to the home thread: they are leaked
             // with the rest (found by the API fuzzer; they used to be
             // leaked without a word).
-            let bhs = self.bh.has_home_nodes().then(|| "bottom halves".to_string());
+            let bhs = self
+                .bh
+                .has_home_nodes()
+                .then(|| "bottom halves".to_string());
             match (local.leftovers(), bhs) {
                 (Some(a), Some(b)) => Some(format!("{a}, {b}")),
                 (a, b) => a.or(b),

@@ -265,7 +265,8 @@ impl<T> Coroutine<T> {
     /// the context down (or [`IoThread::stop`](crate::aio::IoThread::stop))
     /// unwinds it if it is still suspended. Dropping the last handle of a
     /// suspended coroutine does the same implicitly; `detach` also hands
-    /// over a coroutine that has not started yet, and says so in the code.
+    /// over a coroutine that has not started yet, which then starts at the
+    /// context's next pass (or the `CoroutineFuture`'s next poll).
     ///
     /// # Panics
     ///
@@ -285,9 +286,21 @@ impl<T> Coroutine<T> {
         // one told when it finishes; a resumer that has ended refuses, and
         // the coroutine is cancelled.
         h.detached.set(true);
+        let fresh = h.state.get() == super::State::Fresh;
+        let remote = RemoteRef::new(h);
         if let Err(co) = r.adopt(self.erase()) {
             co.header().detached.set(false);
             co.cancel();
+            return;
+        }
+        // One that has not started yet starts at its resumer's next pass:
+        // nothing else could ever enter it (found by the API fuzzer: a
+        // `CoroutineFuture` waited forever for a detached fresh coroutine
+        // it had taken over to finish).
+        // As a wake: a `wake()` before it ran adds nothing (the pattern
+        // "detach, then wake to start it" enters it once).
+        if fresh && remote.header().woken.claim() {
+            r.queue(remote, CoReqKind::Wake);
         }
     }
 }

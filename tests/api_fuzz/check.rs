@@ -123,10 +123,7 @@ impl Drop for Canary {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.id);
         if live.is_none() {
-            fail(format!(
-                "canary {} ({}): dropped twice",
-                self.id, self.what
-            ));
+            fail(format!("canary {} ({}): dropped twice", self.id, self.what));
         }
     }
 }
@@ -190,7 +187,10 @@ fn check_graveyard() {
         // the program has ended, so nothing else refers to it, and it is
         // freed once, here.
         let b = unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(p as *mut u8, len)) };
-        let written = b[GUARD..GUARD + KLEN].iter().filter(|&&x| x != FREED).count();
+        let written = b[GUARD..GUARD + KLEN]
+            .iter()
+            .filter(|&&x| x != FREED)
+            .count();
         if written != 0 || !KBuf::guards_intact(&b) {
             fail(format!(
                 "kernel buffer: {written} bytes written after its request was reaped"
@@ -212,6 +212,7 @@ const ALLOWED: &[&str] = &[
     "has already finished",
     "re-entered recursively",
     "another coroutine already sleeps on this CoSleep",
+    "this coroutine has no resumer",
     "CoroutineFuture: its coroutine ended without a result: it was cancelled",
     "the AioContext shut down before the task finished",
 ];

@@ -288,12 +288,7 @@ pub(crate) fn exec(op: &Op) {
             }
         }
         Op::CoDrop { s } => drop(take(|w| &mut w.cos[*s as usize])),
-        Op::BhNew {
-            s,
-            c,
-            local,
-            body,
-        } => {
+        Op::BhNew { s, c, local, body } => {
             let Some(ctx) = ctx(*c) else { return };
             let bh = if *local {
                 AnyBh::Local(ctx.bh_new_local(callback(Canary::local("local bh"), body.clone())))
@@ -382,12 +377,7 @@ pub(crate) fn exec(op: &Op) {
                 drop(h.remove());
             }
         }
-        Op::Spawn {
-            s,
-            c,
-            yields,
-            body,
-        } => {
+        Op::Spawn { s, c, yields, body } => {
             let Some(ctx) = ctx(*c) else { return };
             let canary = Canary::sendable("spawned future");
             let body = body.clone();
@@ -547,8 +537,8 @@ pub(crate) fn exec(op: &Op) {
             Err(e) => fail(format!("IoThread::spawn: {e}")),
         },
         Op::IoThreadRun { i, body } => {
-            let Some(ctx) = with(|w| w.io[*i as usize].as_ref().map(|io| io.context().clone()))
-                .flatten()
+            let Some(ctx) =
+                with(|w| w.io[*i as usize].as_ref().map(|io| io.context().clone())).flatten()
             else {
                 return;
             };
@@ -559,8 +549,8 @@ pub(crate) fn exec(op: &Op) {
             });
         }
         Op::IoThreadStop { i } => {
-            let Some(ctx) = with(|w| w.io[*i as usize].as_ref().map(|io| io.context().clone()))
-                .flatten()
+            let Some(ctx) =
+                with(|w| w.io[*i as usize].as_ref().map(|io| io.context().clone())).flatten()
             else {
                 return;
             };
@@ -840,10 +830,8 @@ fn pipe(nonblocking: bool) -> (OwnedFd, OwnedFd) {
 }
 
 fn data_file() -> File {
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-        "api_fuzz-{}.img",
-        std::process::id()
-    ));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("api_fuzz-{}.img", std::process::id()));
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -983,7 +971,8 @@ fn worker(rx: mpsc::Receiver<Msg>, ack: mpsc::Sender<()>) {
                 let r = catch_unwind(AssertUnwindSafe(|| match mode {
                     0 => {
                         let ctxs: Vec<AioContext> =
-                            with(|w| w.ctxs.iter().flatten().cloned().collect()).unwrap_or_default();
+                            with(|w| w.ctxs.iter().flatten().cloned().collect())
+                                .unwrap_or_default();
                         for c in ctxs {
                             c.shutdown();
                         }

@@ -82,13 +82,19 @@ fn report(pseed: u64, p: &Program, failures: &[String]) -> ! {
     for f in failures {
         eprintln!("  - {f}");
     }
-    eprintln!("replay: COROLOOP_FUZZ_PROGRAM={pseed} cargo test --test api_fuzz -- --ignored replay");
+    eprintln!(
+        "replay: COROLOOP_FUZZ_PROGRAM={pseed} cargo test --test api_fuzz -- --ignored replay"
+    );
     let shown = if std::env::var("COROLOOP_FUZZ_SHRINK").as_deref() == Ok("0") {
         p.clone()
     } else {
         shrink(pseed, &signature(&failures[0]))
     };
-    eprintln!("program ({} steps):\n{}", shown.steps.len(), to_rust(&shown));
+    eprintln!(
+        "program ({} steps):\n{}",
+        shown.steps.len(),
+        to_rust(&shown)
+    );
     panic!("api_fuzz: program seed {pseed} failed: {}", failures[0]);
 }
 
@@ -268,5 +274,8 @@ fn generation_is_replayable_and_prunable() {
     // The printer's output names every variant with `Op::`.
     let src = to_rust(&a);
     assert!(src.starts_with("Program {"), "{src}");
-    assert!(!src.contains("body: [") && !src.contains("(0, CoNew"), "{src}");
+    assert!(
+        !src.contains("body: [") && !src.contains("(0, CoNew"),
+        "{src}"
+    );
 }

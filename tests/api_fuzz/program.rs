@@ -13,64 +13,193 @@ pub(crate) const THREADS: u8 = 3;
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Op {
     // ---- anywhere: top level, callbacks, coroutines
-    Poll { c: u8, blocking: bool },
-    CtxNew { c: u8, uring: bool },
-    CtxShutdown { c: u8 },
-    CtxDrop { c: u8 },
-    CoNew { s: u8, body: Vec<Op> },
-    CoEnter { s: u8 },
-    CoWake { s: u8 },
-    CoSchedule { s: u8, c: u8 },
-    CoDetach { s: u8 },
-    CoCancel { s: u8 },
-    CoDrop { s: u8 },
-    BhNew { s: u8, c: u8, local: bool, body: Vec<Op> },
-    BhSchedule { s: u8 },
-    BhCancel { s: u8 },
-    BhDrop { s: u8 },
-    BhOneshot { c: u8, body: Vec<Op> },
-    TimerNew { s: u8, c: u8, body: Vec<Op> },
-    TimerMod { s: u8, us: u16 },
-    TimerDel { s: u8 },
-    TimerDrop { s: u8 },
-    FdAdd { s: u8, c: u8, body: Vec<Op> },
-    FdModify { s: u8 },
-    FdRemove { s: u8 },
-    Spawn { s: u8, c: u8, yields: u8, body: Vec<Op> },
-    SpawnLocal { s: u8, c: u8, body: Vec<Op> },
-    SpawnCoroutine { s: u8, c: u8, body: Vec<Op> },
-    TaskDrop { s: u8 },
-    TaskDetach { s: u8 },
-    SmolSpawn { body: Vec<Op> },
-    SmolTick { n: u8 },
-    BlockOn { c: u8, body: Vec<Op> },
-    Signal { k: u8 },
-    CoSleepWake { k: u8 },
+    Poll {
+        c: u8,
+        blocking: bool,
+    },
+    CtxNew {
+        c: u8,
+        uring: bool,
+    },
+    CtxShutdown {
+        c: u8,
+    },
+    CtxDrop {
+        c: u8,
+    },
+    CoNew {
+        s: u8,
+        body: Vec<Op>,
+    },
+    CoEnter {
+        s: u8,
+    },
+    CoWake {
+        s: u8,
+    },
+    CoSchedule {
+        s: u8,
+        c: u8,
+    },
+    CoDetach {
+        s: u8,
+    },
+    CoCancel {
+        s: u8,
+    },
+    CoDrop {
+        s: u8,
+    },
+    BhNew {
+        s: u8,
+        c: u8,
+        local: bool,
+        body: Vec<Op>,
+    },
+    BhSchedule {
+        s: u8,
+    },
+    BhCancel {
+        s: u8,
+    },
+    BhDrop {
+        s: u8,
+    },
+    BhOneshot {
+        c: u8,
+        body: Vec<Op>,
+    },
+    TimerNew {
+        s: u8,
+        c: u8,
+        body: Vec<Op>,
+    },
+    TimerMod {
+        s: u8,
+        us: u16,
+    },
+    TimerDel {
+        s: u8,
+    },
+    TimerDrop {
+        s: u8,
+    },
+    FdAdd {
+        s: u8,
+        c: u8,
+        body: Vec<Op>,
+    },
+    FdModify {
+        s: u8,
+    },
+    FdRemove {
+        s: u8,
+    },
+    Spawn {
+        s: u8,
+        c: u8,
+        yields: u8,
+        body: Vec<Op>,
+    },
+    SpawnLocal {
+        s: u8,
+        c: u8,
+        body: Vec<Op>,
+    },
+    SpawnCoroutine {
+        s: u8,
+        c: u8,
+        body: Vec<Op>,
+    },
+    TaskDrop {
+        s: u8,
+    },
+    TaskDetach {
+        s: u8,
+    },
+    SmolSpawn {
+        body: Vec<Op>,
+    },
+    SmolTick {
+        n: u8,
+    },
+    BlockOn {
+        c: u8,
+        body: Vec<Op>,
+    },
+    Signal {
+        k: u8,
+    },
+    CoSleepWake {
+        k: u8,
+    },
     QueueNext,
     QueueRestartAll,
-    Export { what: u8, s: u8, x: u8 },
-    ImportDrop { x: u8 },
-    ImportUse { x: u8 },
-    IoThreadNew { i: u8 },
-    IoThreadRun { i: u8, body: Vec<Op> },
-    IoThreadStop { i: u8 },
-    IoThreadDrop { i: u8 },
+    Export {
+        what: u8,
+        s: u8,
+        x: u8,
+    },
+    ImportDrop {
+        x: u8,
+    },
+    ImportUse {
+        x: u8,
+    },
+    IoThreadNew {
+        i: u8,
+    },
+    IoThreadRun {
+        i: u8,
+        body: Vec<Op>,
+    },
+    IoThreadStop {
+        i: u8,
+    },
+    IoThreadDrop {
+        i: u8,
+    },
     /// Misuse on purpose: a call the docs say panics, with their message.
-    Misuse { which: u8 },
+    Misuse {
+        which: u8,
+    },
     // ---- inside a coroutine only
     Suspend,
     Yield,
-    Sleep { us: u16 },
-    CoSleepWait { k: u8, us: Option<u16> },
-    Lock { m: u8, body: Vec<Op> },
-    Read { body: Vec<Op> },
-    Write { body: Vec<Op> },
+    Sleep {
+        us: u16,
+    },
+    CoSleepWait {
+        k: u8,
+        us: Option<u16>,
+    },
+    Lock {
+        m: u8,
+        body: Vec<Op>,
+    },
+    Read {
+        body: Vec<Op>,
+    },
+    Write {
+        body: Vec<Op>,
+    },
     QueueWait,
-    AwaitSignal { k: u8 },
-    AwaitTask { s: u8, fallible: bool },
-    PipeRead { how: u8 },
-    FileRead { how: u8 },
-    PoolWork { us: u16 },
+    AwaitSignal {
+        k: u8,
+    },
+    AwaitTask {
+        s: u8,
+        fallible: bool,
+    },
+    PipeRead {
+        how: u8,
+    },
+    FileRead {
+        how: u8,
+    },
+    PoolWork {
+        us: u16,
+    },
     Panic,
     // ---- top level only
     ThreadExit,
@@ -175,7 +304,9 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
             let op = match r.below(16) {
                 0 if !bounded => Op::Suspend,
                 1 => Op::Yield,
-                2 => Op::Sleep { us: r.below(300) as u16 },
+                2 => Op::Sleep {
+                    us: r.below(300) as u16,
+                },
                 3 => Op::CoSleepWait {
                     k: r.u8(SLEEPS),
                     us: if bounded || r.chance(50) {
@@ -359,7 +490,9 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
 /// by their preorder ids).
 pub(crate) fn count_nodes(p: &Program) -> usize {
     fn count(ops: &[Op]) -> usize {
-        ops.iter().map(|op| 1 + body_of(op).map_or(0, |b| count(b))).sum()
+        ops.iter()
+            .map(|op| 1 + body_of(op).map_or(0, |b| count(b)))
+            .sum()
     }
     p.steps
         .iter()
@@ -460,7 +593,9 @@ pub(crate) fn top_ids(p: &Program) -> Vec<usize> {
         ids.push(next);
         next += 1 + body_of(op).map_or(0, |b| {
             fn c(ops: &[Op]) -> usize {
-                ops.iter().map(|op| 1 + body_of(op).map_or(0, |b| c(b))).sum()
+                ops.iter()
+                    .map(|op| 1 + body_of(op).map_or(0, |b| c(b)))
+                    .sum()
             }
             c(b)
         });

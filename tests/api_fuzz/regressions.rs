@@ -15,8 +15,23 @@ pub(crate) fn programs() -> Vec<(&'static str, Program)> {
             "local BH left on a context dropped off its home thread",
             Program {
                 steps: vec![
-                    (1, Op::BhNew { s: 0, c: 0, local: true, body: vec![] }),
-                    (1, Op::Export { what: 0, s: 0, x: 1 }),
+                    (
+                        1,
+                        Op::BhNew {
+                            s: 0,
+                            c: 0,
+                            local: true,
+                            body: vec![],
+                        },
+                    ),
+                    (
+                        1,
+                        Op::Export {
+                            what: 0,
+                            s: 0,
+                            x: 1,
+                        },
+                    ),
                 ],
                 finish: [0, 1, 0],
             },
@@ -31,8 +46,24 @@ pub(crate) fn programs() -> Vec<(&'static str, Program)> {
             "context kept alive by its own task through thread exit",
             Program {
                 steps: vec![
-                    (1, Op::SpawnLocal { s: 2, c: 0, body: vec![Op::PipeRead { how: 1 }] }),
-                    (1, Op::CoNew { s: 0, body: vec![Op::Poll { c: 0, blocking: false }] }),
+                    (
+                        1,
+                        Op::SpawnLocal {
+                            s: 2,
+                            c: 0,
+                            body: vec![Op::PipeRead { how: 1 }],
+                        },
+                    ),
+                    (
+                        1,
+                        Op::CoNew {
+                            s: 0,
+                            body: vec![Op::Poll {
+                                c: 0,
+                                blocking: false,
+                            }],
+                        },
+                    ),
                     (1, Op::CoEnter { s: 0 }),
                 ],
                 finish: [0, 2, 0],
@@ -48,7 +79,13 @@ pub(crate) fn programs() -> Vec<(&'static str, Program)> {
             Program {
                 steps: vec![
                     (1, Op::CtxNew { c: 1, uring: false }),
-                    (1, Op::BlockOn { c: 1, body: vec![Op::Sleep { us: 64 }] }),
+                    (
+                        1,
+                        Op::BlockOn {
+                            c: 1,
+                            body: vec![Op::Sleep { us: 64 }],
+                        },
+                    ),
                 ],
                 finish: [0, 2, 2],
             },
@@ -61,10 +98,36 @@ pub(crate) fn programs() -> Vec<(&'static str, Program)> {
             Program {
                 steps: vec![
                     (1, Op::CtxShutdown { c: 0 }),
-                    (1, Op::CoNew { s: 1, body: vec![Op::Poll { c: 0, blocking: true }] }),
+                    (
+                        1,
+                        Op::CoNew {
+                            s: 1,
+                            body: vec![Op::Poll {
+                                c: 0,
+                                blocking: true,
+                            }],
+                        },
+                    ),
                     (1, Op::CoWake { s: 1 }),
                 ],
                 finish: [1, 2, 1],
+            },
+        ),
+        // Program seed 6510184892687580034: a coroutine created and
+        // detached inside a `block_on`'s CoroutineFuture was taken over but
+        // never started, and the future waited for it forever. A detached
+        // fresh coroutine starts at its resumer's next pass now.
+        (
+            "fresh coroutine detached inside a CoroutineFuture",
+            Program {
+                steps: vec![(
+                    2,
+                    Op::BlockOn {
+                        c: 0,
+                        body: vec![Op::CoNew { s: 0, body: vec![] }, Op::CoDetach { s: 0 }],
+                    },
+                )],
+                finish: [1, 0, 1],
             },
         ),
     ]
