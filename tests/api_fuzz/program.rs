@@ -276,7 +276,7 @@ const MAX_DEPTH: u32 = 3;
 
 pub(crate) fn generate(seed: u64) -> Program {
     let mut r = Rng::new(seed);
-    let n = 20 + r.below(60) as usize;
+    let n = 30 + r.below(170) as usize;
     let steps = (0..n)
         .map(|_| {
             let t = r.u8(THREADS);
