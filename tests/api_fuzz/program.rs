@@ -224,8 +224,11 @@ pub(crate) enum Kind {
     /// A coroutine that may wait for anything.
     Coroutine,
     /// A coroutine something waits for (`block_on`): no wait that only
-    /// another step could end.
+    /// another step could end, and so for what it creates.
     Bounded,
+    /// A callback created under a `Bounded` coroutine (what it creates
+    /// may be taken over by the future `block_on` waits for).
+    BoundedCallback,
 }
 
 /// splitmix64: small, fast, and good enough for choosing ops.
@@ -297,9 +300,22 @@ fn gen_body(r: &mut Rng, kind: Kind, depth: u32) -> Vec<Op> {
 
 fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
     let in_co = matches!(kind, Kind::Coroutine | Kind::Bounded);
+    // Under a `block_on`, everything created must end by itself: a
+    // `CoroutineFuture` completes only once the coroutines it took over
+    // (created inside it, then detached or dropped) have finished.
+    let bounded = matches!(kind, Kind::Bounded | Kind::BoundedCallback);
+    let co_kind = if bounded {
+        Kind::Bounded
+    } else {
+        Kind::Coroutine
+    };
+    let cb_kind = if bounded {
+        Kind::BoundedCallback
+    } else {
+        Kind::Callback
+    };
     // Coroutine-only ops first, a third of the time inside coroutines.
     if in_co && r.chance(35) {
-        let bounded = kind == Kind::Bounded;
         loop {
             let op = match r.below(16) {
                 0 if !bounded => Op::Suspend,
@@ -361,7 +377,7 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
             5 if r.chance(40) => Op::CtxDrop { c: r.u8(CTXS) },
             6..=8 => Op::CoNew {
                 s: r.u8(COS),
-                body: gen_body(r, Kind::Coroutine, depth),
+                body: gen_body(r, co_kind, depth),
             },
             9 | 10 => Op::CoEnter { s: r.u8(COS) },
             11 | 12 => Op::CoWake { s: r.u8(COS) },
@@ -376,7 +392,7 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
                 s: r.u8(BHS),
                 c: r.u8(CTXS),
                 local: r.chance(50),
-                body: gen_body(r, Kind::Callback, depth),
+                body: gen_body(r, cb_kind, depth),
             },
             18 | 19 => Op::BhSchedule { s: r.u8(BHS) },
             20 => {
@@ -388,12 +404,12 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
             }
             21 => Op::BhOneshot {
                 c: r.u8(CTXS),
-                body: gen_body(r, Kind::Callback, depth),
+                body: gen_body(r, cb_kind, depth),
             },
             22 => Op::TimerNew {
                 s: r.u8(TIMERS),
                 c: r.u8(CTXS),
-                body: gen_body(r, Kind::Callback, depth),
+                body: gen_body(r, cb_kind, depth),
             },
             23 | 24 => Op::TimerMod {
                 s: r.u8(TIMERS),
@@ -409,7 +425,7 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
             26 => Op::FdAdd {
                 s: r.u8(FDS),
                 c: r.u8(CTXS),
-                body: gen_body(r, Kind::Callback, depth),
+                body: gen_body(r, cb_kind, depth),
             },
             27 => {
                 if r.chance(50) {
@@ -422,17 +438,17 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
                 s: r.u8(TASKS),
                 c: r.u8(CTXS),
                 yields: r.u8(4),
-                body: gen_body(r, Kind::Callback, depth),
+                body: gen_body(r, cb_kind, depth),
             },
             29 => Op::SpawnLocal {
                 s: r.u8(TASKS),
                 c: r.u8(CTXS),
-                body: gen_body(r, Kind::Coroutine, depth),
+                body: gen_body(r, co_kind, depth),
             },
             30 => Op::SpawnCoroutine {
                 s: r.u8(TASKS),
                 c: r.u8(CTXS),
-                body: gen_body(r, Kind::Coroutine, depth),
+                body: gen_body(r, co_kind, depth),
             },
             31 => {
                 if r.chance(50) {
@@ -442,7 +458,7 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
                 }
             }
             32 => Op::SmolSpawn {
-                body: gen_body(r, Kind::Coroutine, depth),
+                body: gen_body(r, co_kind, depth),
             },
             33 => Op::SmolTick { n: 1 + r.u8(4) },
             34 if !in_co => Op::BlockOn {
@@ -469,7 +485,7 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
                 0 => Op::IoThreadNew { i: r.u8(IOTHREADS) },
                 1 => Op::IoThreadRun {
                     i: r.u8(IOTHREADS),
-                    body: gen_body(r, Kind::Callback, depth),
+                    body: gen_body(r, cb_kind, depth),
                 },
                 2 => Op::IoThreadStop { i: r.u8(IOTHREADS) },
                 _ => Op::IoThreadDrop { i: r.u8(IOTHREADS) },
@@ -478,7 +494,7 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
             44 if r.chance(20) => Op::Misuse { which: r.u8(4) },
             45 if top => Op::IoThreadRun {
                 i: r.u8(IOTHREADS),
-                body: gen_body(r, Kind::Callback, depth),
+                body: gen_body(r, cb_kind, depth),
             },
             _ => continue,
         };
