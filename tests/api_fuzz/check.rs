@@ -294,8 +294,19 @@ pub(crate) fn install_logger() {
 
 // ------------------------------------------------------------ a program
 
+/// Open file descriptors of the process.
+pub(crate) fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+static FDS_AT_BEGIN: AtomicU64 = AtomicU64::new(0);
+/// Programs that leaked fds (with a leak log line), and how many fds.
+pub(crate) static FD_LEAKS: AtomicU64 = AtomicU64::new(0);
+pub(crate) static FDS_LEAKED: AtomicU64 = AtomicU64::new(0);
+
 /// Starts a program's bookkeeping.
 pub(crate) fn begin() {
+    FDS_AT_BEGIN.store(open_fds() as u64, Ordering::Relaxed);
     install_hook();
     install_logger();
     FAILURES.lock().unwrap_or_else(|e| e.into_inner()).clear();
@@ -309,6 +320,21 @@ pub(crate) fn begin() {
 /// canaries, and returns the failures.
 pub(crate) fn end() -> Vec<String> {
     check_graveyard();
+    // Every fd the program opened is closed, or the library said it leaked
+    // something (a leaked context keeps its epoll, eventfd and io_uring).
+    let before = FDS_AT_BEGIN.load(Ordering::Relaxed);
+    let after = open_fds() as u64;
+    if after > before {
+        if LEAK_LINES.load(Ordering::Relaxed) == 0 {
+            fail(format!(
+                "{} file descriptors left open without a leak log line",
+                after - before
+            ));
+        } else {
+            FD_LEAKS.fetch_add(1, Ordering::Relaxed);
+            FDS_LEAKED.fetch_add(after - before, Ordering::Relaxed);
+        }
+    }
     let generation = GENERATION.load(Ordering::Relaxed);
     let live: Vec<(u64, &'static str)> = ledger()
         .lock()
