@@ -42,6 +42,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 struct Live {
     generation: u64,
     what: &'static str,
+    strict: bool,
 }
 
 fn ledger() -> &'static Mutex<HashMap<u64, Live>> {
@@ -73,10 +74,14 @@ impl Canary {
     fn new(what: &'static str, strict: bool) -> Canary {
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let generation = GENERATION.load(Ordering::Relaxed);
-        ledger()
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Live { generation, what });
+        ledger().lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            Live {
+                generation,
+                what,
+                strict,
+            },
+        );
         Canary {
             magic: MAGIC,
             id,
@@ -320,6 +325,21 @@ pub(crate) fn begin() {
 /// canaries, and returns the failures.
 pub(crate) fn end() -> Vec<String> {
     check_graveyard();
+    // `Send` values may still be on their way to their drop on another
+    // thread (a thread-pool job whose coroutine was cancelled finishes and
+    // is dropped by its pool thread): give them a moment.
+    let generation = GENERATION.load(Ordering::Relaxed);
+    for _ in 0..250 {
+        let pending = ledger()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .any(|l| l.generation == generation && !l.strict);
+        if !pending {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     // Every fd the program opened is closed, or the library said it leaked
     // something (a leaked context keeps its epoll, eventfd and io_uring).
     let before = FDS_AT_BEGIN.load(Ordering::Relaxed);
@@ -335,7 +355,6 @@ pub(crate) fn end() -> Vec<String> {
             FDS_LEAKED.fetch_add(after - before, Ordering::Relaxed);
         }
     }
-    let generation = GENERATION.load(Ordering::Relaxed);
     let live: Vec<(u64, &'static str)> = ledger()
         .lock()
         .unwrap_or_else(|e| e.into_inner())
