@@ -11,9 +11,11 @@ use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::aio::{AioContext, FdHandler, RawFdSource};
+use crate::aio::{AioContext, ClockType, FdHandler, RawFdSource};
 use crate::coroutine::RemoteCoroutine;
 use crate::Coroutine;
 
@@ -133,6 +135,30 @@ impl Drop for WaitGuard {
 }
 
 fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
+    wait_fd_until(fd, write, api, None)
+}
+
+/// The `io::Error` of a wait that timed out (`ErrorKind::TimedOut`).
+pub(crate) fn timed_out(api: &str, after: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("{api}: timed out after {after:?}"),
+    )
+}
+
+/// `wait_fd` that gives up at `deadline` (with `ErrorKind::TimedOut`, the
+/// timeout named), timed on the context's realtime clock.
+pub(crate) fn wait_fd_until(
+    fd: &impl AsFd,
+    write: bool,
+    api: &'static str,
+    deadline: Option<(Instant, Duration)>,
+) -> io::Result<()> {
+    if let Some((at, after)) = deadline {
+        if Instant::now() >= at {
+            return Err(timed_out(api, after));
+        }
+    }
     let Some(me) = Coroutine::current() else {
         panic!("{api} called outside a coroutine");
     };
@@ -170,6 +196,7 @@ fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
             remote: me.remote(),
         });
     }
+    let remote = me.remote();
     drop(me);
     let guard = WaitGuard {
         ctx,
@@ -178,6 +205,18 @@ fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
         write,
     };
     rearm(&guard.ctx, key, &guard.entry)?;
+    // The timeout: a timer of the context that wakes the waiter (dropped,
+    // and so disarmed, when the wait ends either way).
+    let expired = Rc::new(Cell::new(false));
+    let _timer = deadline.map(|(at, _)| {
+        let (e, r) = (expired.clone(), remote.clone());
+        let t = guard.ctx.timer_new(ClockType::Realtime, move || {
+            e.set(true);
+            r.wake();
+        });
+        t.mod_after(at.saturating_duration_since(Instant::now()));
+        t
+    });
     while !ready.get() {
         if guard.ctx.inner.is_dead() {
             // Woken by the shutdown (`wake_waiters_of`): nothing else will
@@ -185,6 +224,9 @@ fn wait_fd(fd: &impl AsFd, write: bool, api: &'static str) -> io::Result<()> {
             return Err(io::Error::other(format!(
                 "{api}: cannot wait for fd {raw}: the context is shut down"
             )));
+        }
+        if expired.get() {
+            return Err(timed_out(api, deadline.map_or(Duration::ZERO, |d| d.1)));
         }
         crate::coroutine::suspend();
     }
@@ -393,6 +435,68 @@ pub fn co_send(fd: &impl AsFd, buf: &[u8]) -> io::Result<usize> {
 #[derive(Debug)]
 pub struct CoFd<T: AsFd> {
     inner: T,
+    timeouts: Timeouts,
+}
+
+/// Read and write timeouts (nanoseconds, 0 for none), shared by the
+/// coroutine I/O types.
+#[derive(Debug, Default)]
+pub(crate) struct Timeouts {
+    read: AtomicU64,
+    write: AtomicU64,
+}
+
+impl Timeouts {
+    pub(crate) fn set(&self, write: bool, d: Option<Duration>, api: &str) -> io::Result<()> {
+        let ns = match d {
+            None => 0,
+            Some(d) if d.is_zero() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{api}: a zero timeout is invalid (use None for no timeout)"),
+                ))
+            }
+            Some(d) => u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+        };
+        let slot = if write { &self.write } else { &self.read };
+        slot.store(ns, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub(crate) fn get(&self, write: bool) -> Option<Duration> {
+        let slot = if write { &self.write } else { &self.read };
+        match slot.load(Ordering::Relaxed) {
+            0 => None,
+            ns => Some(Duration::from_nanos(ns)),
+        }
+    }
+}
+
+/// Runs the non-blocking `op` on `fd`, suspending the current coroutine
+/// while it would block, until it succeeds, fails, or `timeout` (counted
+/// from the first attempt) runs out (`ErrorKind::TimedOut`). Outside a
+/// coroutine `WouldBlock` is returned as is.
+pub(crate) fn retry_io<F: AsFd + ?Sized, R>(
+    fd: &F,
+    write: bool,
+    api: &'static str,
+    timeout: Option<Duration>,
+    mut op: impl FnMut(&F) -> rustix::io::Result<R>,
+) -> io::Result<R> {
+    let mut deadline = None;
+    loop {
+        match op(fd) {
+            Ok(r) => return Ok(r),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) if crate::coroutine::in_coroutine() => {
+                if deadline.is_none() {
+                    deadline = timeout.map(|t| (Instant::now() + t, t));
+                }
+                wait_fd_until(&fd.as_fd(), write, api, deadline)?
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 impl<T: AsFd> CoFd<T> {
@@ -405,7 +509,42 @@ impl<T: AsFd> CoFd<T> {
         let fd = inner.as_fd();
         let flags = rustix::fs::fcntl_getfl(fd)?;
         rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?;
-        Ok(CoFd { inner })
+        Ok(CoFd {
+            inner,
+            timeouts: Timeouts::default(),
+        })
+    }
+
+    /// Bounds each read (std's `set_read_timeout` signature): a read that
+    /// waits longer fails with `io::ErrorKind::TimedOut`. Unlike std on
+    /// Unix, which reports `WouldBlock` there, the kind says "timed out":
+    /// inside a coroutine `WouldBlock` would read as "try again". `None`
+    /// (the default) waits for ever.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a zero duration, as std.
+    pub fn set_read_timeout(&self, dur: Option<Duration>) -> io::Result<()> {
+        self.timeouts.set(false, dur, "CoFd::set_read_timeout")
+    }
+
+    /// Bounds each write: as [`set_read_timeout`](Self::set_read_timeout).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a zero duration, as std.
+    pub fn set_write_timeout(&self, dur: Option<Duration>) -> io::Result<()> {
+        self.timeouts.set(true, dur, "CoFd::set_write_timeout")
+    }
+
+    /// The read timeout.
+    pub fn read_timeout(&self) -> io::Result<Option<Duration>> {
+        Ok(self.timeouts.get(false))
+    }
+
+    /// The write timeout.
+    pub fn write_timeout(&self) -> io::Result<Option<Duration>> {
+        Ok(self.timeouts.get(true))
     }
 
     /// The wrapped value.
@@ -418,23 +557,14 @@ impl<T: AsFd> CoFd<T> {
         self.inner
     }
 
-    fn retry<R>(
-        &self,
-        write: bool,
-        mut op: impl FnMut(&T) -> rustix::io::Result<R>,
-    ) -> io::Result<R> {
-        loop {
-            match op(&self.inner) {
-                Ok(r) => return Ok(r),
-                Err(rustix::io::Errno::INTR) => {}
-                Err(rustix::io::Errno::AGAIN) if crate::coroutine::in_coroutine() => wait_fd(
-                    &self.inner,
-                    write,
-                    if write { "CoFd::write" } else { "CoFd::read" },
-                )?,
-                Err(e) => return Err(e.into()),
-            }
-        }
+    fn retry<R>(&self, write: bool, op: impl FnMut(&T) -> rustix::io::Result<R>) -> io::Result<R> {
+        retry_io(
+            &self.inner,
+            write,
+            if write { "CoFd::write" } else { "CoFd::read" },
+            self.timeouts.get(write),
+            op,
+        )
     }
 }
 

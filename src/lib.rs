@@ -254,6 +254,7 @@ pub mod coroutine;
 pub mod future;
 pub mod io;
 mod loom;
+pub mod net;
 pub mod sync;
 
 pub use coroutine::Coroutine;

@@ -310,8 +310,8 @@ pub(crate) fn exec(op: &Op) {
         Op::BhDrop { s } => drop(take(|w| &mut w.bhs[*s as usize])),
         Op::BhOneshot { c, body } => {
             if let Some(ctx) = ctx(*c) {
-                let mut f = callback(Canary::sendable("oneshot bh"), body.clone());
-                ctx.bh_schedule_oneshot(move || f());
+                let f = callback(Canary::sendable("oneshot bh"), body.clone());
+                ctx.bh_schedule_oneshot(f);
             }
         }
         Op::TimerNew { s, c, body } => {
