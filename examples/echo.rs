@@ -22,17 +22,17 @@ use coroloop::net::{TcpListener, TcpStream};
 use coroloop::Coroutine;
 
 /// How long a connection may stay silent before the server drops it.
-pub const IDLE_TIMEOUT: Duration = Duration::from_millis(300);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// What the server counted.
 #[derive(Debug, Default)]
-pub struct ServerStats {
+pub(crate) struct ServerStats {
     /// Connections accepted.
-    pub accepted: AtomicUsize,
+    pub(crate) accepted: AtomicUsize,
     /// Bytes echoed.
-    pub echoed: AtomicUsize,
+    pub(crate) echoed: AtomicUsize,
     /// Connections dropped by the read timeout.
-    pub timed_out: AtomicUsize,
+    pub(crate) timed_out: AtomicUsize,
 }
 
 /// One connection: echo until end of stream, an error, or a silence longer
@@ -59,7 +59,7 @@ fn serve(conn: TcpStream, stats: &ServerStats) -> io::Result<()> {
 
 /// Starts the server on `io`: an accept loop owned by the IoThread's
 /// context (it ends when the IoThread stops).
-pub fn start_server(io: &IoThread, stats: Arc<ServerStats>) -> io::Result<SocketAddr> {
+pub(crate) fn start_server(io: &IoThread, stats: Arc<ServerStats>) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     io.context().bh_schedule_oneshot(move || {
@@ -90,18 +90,18 @@ pub fn start_server(io: &IoThread, stats: Arc<ServerStats>) -> io::Result<Socket
 
 /// What the clients saw.
 #[derive(Debug)]
-pub struct Report {
+pub(crate) struct Report {
     /// Clients whose 64 KiB came back intact.
-    pub clients_ok: usize,
+    pub(crate) clients_ok: usize,
     /// Bytes checked.
-    pub bytes: usize,
+    pub(crate) bytes: usize,
     /// How long the stalled client waited before the server closed it.
-    pub stalled_closed_after: Duration,
+    pub(crate) stalled_closed_after: Duration,
 }
 
 /// Runs the server and `clients` clients plus one that stalls; checks
 /// every byte.
-pub fn run(clients: usize) -> io::Result<(Report, Arc<ServerStats>)> {
+pub(crate) fn run(clients: usize) -> io::Result<(Report, Arc<ServerStats>)> {
     const LEN: usize = 64 * 1024;
     let io = IoThread::spawn("echo-server")?;
     let stats = Arc::new(ServerStats::default());
