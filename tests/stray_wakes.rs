@@ -867,6 +867,81 @@ fn coqueue_wait_and_wait_unlocked() {
     assert!(!q.next());
 }
 
+// Bounded waits (CoMutex::lock_timeout, CoRwLock::write_timeout,
+// CoQueue::wait_unlocked_timeout, with a timeout far beyond the test):
+// strays end none of them early, and the real grants reach them in FIFO
+// order, as for unbounded waits.
+#[test]
+fn bounded_waits_ignore_strays() {
+    let mut h = Harness::new("bounded");
+    const LONG: Duration = Duration::from_secs(600);
+    let m = Rc::new(CoMutex::new(0u32));
+    let l = Rc::new(CoRwLock::new(()));
+    let q = Rc::new(CoQueue::new());
+    let release = Rc::new(Cell::new(false));
+    let (m1, l1, r1) = (m.clone(), l.clone(), release.clone());
+    h.spawn_co(Kind::Co, move |mark| {
+        let g = m1.lock();
+        let w = l1.write();
+        while !r1.get() {
+            coroutine::suspend();
+        }
+        mark.pass();
+        drop((g, w));
+    });
+    let kinds = [Kind::Co, Kind::FutCo];
+    const EACH: usize = 3;
+    for i in 0..EACH {
+        let m1 = m.clone();
+        h.spawn_co(kind_at(&kinds, i), move |mark| {
+            let mut g = m1.lock_timeout(LONG).expect("granted, not timed out");
+            mark.pass();
+            *g += 1;
+        });
+    }
+    for i in 0..EACH {
+        let l1 = l.clone();
+        h.spawn_co(kind_at(&kinds, i), move |mark| {
+            let g = l1.write_timeout(LONG).expect("granted, not timed out");
+            mark.pass();
+            drop(g);
+        });
+    }
+    for i in 0..EACH {
+        let q1 = q.clone();
+        h.spawn_co(kind_at(&kinds, i), move |mark| {
+            assert!(q1.wait_unlocked_timeout(LONG), "woken, not timed out");
+            mark.pass();
+        });
+    }
+    h.storm(|_| assert!(m.is_locked()));
+    release.set(true);
+    if let Some(co) = &h.cos[0] {
+        co.wake();
+    }
+    h.poll_until(
+        "handing the locks down",
+        |h| h.past()[..=2 * EACH].iter().all(|&p| p >= 1),
+        |_| {},
+    );
+    q.restart_all();
+    h.poll_until(
+        "waking the queue",
+        |h| h.past().iter().all(|&p| p >= 1),
+        |_| {},
+    );
+    let order = h.finish();
+    assert_eq!(order[0], 0, "the holder first");
+    let mutex: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|&i| (1..=EACH).contains(&i))
+        .collect();
+    assert_eq!(mutex, (1..=EACH).collect::<Vec<_>>(), "FIFO hand-off");
+    assert_eq!(*m.try_lock().unwrap(), EACH as u32);
+    assert!(q.is_empty());
+}
+
 // CoSleep::sleep and CoSleep::sleep_for on the virtual clock: strays and
 // a clock that creeps up to one nanosecond before the deadline end no
 // sleep; wake() ends exactly the sleep it targets (`true`); the deadline

@@ -11,6 +11,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::waitq::{wake_current_coroutine, wake_task, WaitList, Waiter};
 use crate::loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -242,41 +243,71 @@ impl<T: ?Sized> CoMutex<T> {
     #[doc(alias = "qemu_co_mutex_lock")]
     #[track_caller]
     pub fn lock(&self) -> CoMutexGuard<'_, T> {
+        match self.lock_until(None, "CoMutex::lock") {
+            Some(g) => g,
+            None => unreachable!("an unbounded lock does not time out"),
+        }
+    }
+
+    /// [`lock`](Self::lock), giving up after `timeout`: `None` then, and
+    /// the queue is left as if this waiter had never come (a hand-over
+    /// that raced with the timeout goes to the next waiter). See the
+    /// [module docs](crate::sync#timeouts).
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or in one without an AioContext (for the
+    /// timer).
+    #[track_caller]
+    pub fn lock_timeout(&self, timeout: Duration) -> Option<CoMutexGuard<'_, T>> {
+        self.lock_until(Some(timeout), "CoMutex::lock_timeout")
+    }
+
+    #[track_caller]
+    fn lock_until(
+        &self,
+        timeout: Option<Duration>,
+        api: &'static str,
+    ) -> Option<CoMutexGuard<'_, T>> {
         if !crate::coroutine::in_coroutine() {
-            panic!("CoMutex::lock called outside a coroutine");
+            panic!("{api} called outside a coroutine");
         }
         let me = crate::aio::thread_serial();
         if self.raw.try_lock() {
             self.raw.set_owner(me);
-            return CoMutexGuard {
+            return Some(CoMutexGuard {
                 m: self,
                 _not_send: PhantomData,
-            };
+            });
         }
         if self.raw.spin_for_other_thread(me) {
-            return CoMutexGuard {
+            return Some(CoMutexGuard {
                 m: self,
                 _not_send: PhantomData,
-            };
+            });
         }
+        let deadline = super::Deadline::after(timeout, api);
         if let Some(w) = self
             .raw
-            .lock_or_queue(|| Waiter::new(true, wake_current_coroutine("CoMutex::lock")))
+            .lock_or_queue(|| Waiter::new(true, wake_current_coroutine(api)))
         {
             let mut guard = WaitGuard {
                 raw: &self.raw,
                 w: Some(w),
             };
             while !guard.w.as_ref().unwrap().is_granted() {
+                if deadline.expired() {
+                    return None; // `guard` leaves the queue, passing on a late grant
+                }
                 crate::coroutine::suspend();
             }
             guard.w = None;
         }
         self.raw.set_owner(me);
-        CoMutexGuard {
+        Some(CoMutexGuard {
             m: self,
             _not_send: PhantomData,
-        }
+        })
     }
 
     /// Locks from async code: a future that resolves to the guard, queued

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::mutex::{CoMutex, CoMutexGuard};
 use super::rwlock::{CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard};
@@ -71,7 +72,7 @@ impl CoQueue {
         }
     }
 
-    fn wait_granted(&self, w: Arc<Waiter>) {
+    fn wait_granted(&self, w: Arc<Waiter>, deadline: &super::Deadline) -> bool {
         struct Cancel<'a>(&'a CoQueue, Option<Arc<Waiter>>);
         impl Drop for Cancel<'_> {
             fn drop(&mut self) {
@@ -82,9 +83,13 @@ impl CoQueue {
         }
         let mut c = Cancel(self, Some(w));
         while !c.1.as_ref().unwrap().is_granted() {
+            if deadline.expired() {
+                return false; // `c` leaves the queue, passing on a late wake-up
+            }
             crate::coroutine::suspend();
         }
         c.1 = None;
+        true
     }
 
     /// Releases `guard`'s lock, waits until woken by
@@ -101,8 +106,26 @@ impl CoQueue {
     pub fn wait<'a, G: CoLockable<'a>>(&self, guard: G) -> G {
         let w = self.enqueue("CoQueue::wait");
         let lock = guard.release();
-        self.wait_granted(w);
+        self.wait_granted(w, &super::Deadline::after(None, "CoQueue::wait"));
         G::reacquire(lock)
+    }
+
+    /// [`wait`](Self::wait), giving up after `timeout`: returns the guard
+    /// (the lock is always taken again, as `std::sync::Condvar::wait_timeout`
+    /// does) and whether the wait timed out. A wake-up that raced with the
+    /// timeout goes to the next waiter (see the
+    /// [module docs](crate::sync#timeouts)).
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or in one without an AioContext.
+    #[track_caller]
+    pub fn wait_timeout<'a, G: CoLockable<'a>>(&self, guard: G, timeout: Duration) -> (G, bool) {
+        let deadline = super::Deadline::after(Some(timeout), "CoQueue::wait_timeout");
+        let w = self.enqueue("CoQueue::wait_timeout");
+        let lock = guard.release();
+        let woken = self.wait_granted(w, &deadline);
+        (G::reacquire(lock), !woken)
     }
 
     /// Waits until woken, without a lock (QEMU's `qemu_co_queue_wait(q,
@@ -114,7 +137,20 @@ impl CoQueue {
     #[track_caller]
     pub fn wait_unlocked(&self) {
         let w = self.enqueue("CoQueue::wait_unlocked");
-        self.wait_granted(w);
+        self.wait_granted(w, &super::Deadline::after(None, "CoQueue::wait_unlocked"));
+    }
+
+    /// [`wait_unlocked`](Self::wait_unlocked), giving up after `timeout`;
+    /// returns whether it was woken (`false`: timed out).
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or in one without an AioContext.
+    #[track_caller]
+    pub fn wait_unlocked_timeout(&self, timeout: Duration) -> bool {
+        let deadline = super::Deadline::after(Some(timeout), "CoQueue::wait_unlocked_timeout");
+        let w = self.enqueue("CoQueue::wait_unlocked_timeout");
+        self.wait_granted(w, &deadline)
     }
 
     /// Async form of [`wait`](Self::wait) for a [`CoMutex`] guard, for

@@ -5,6 +5,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::waitq::{wake_current_coroutine, WaitList, Waiter, WakeList};
 use crate::loom::sync::Mutex;
@@ -78,7 +79,9 @@ impl<T> CoRwLock<T> {
 }
 
 impl<T: ?Sized> CoRwLock<T> {
-    fn acquire(&self, exclusive: bool, api: &'static str) {
+    /// Takes the lock in the mode asked; `false` if `timeout` ran out.
+    #[track_caller]
+    fn acquire(&self, exclusive: bool, api: &'static str, timeout: Option<Duration>) -> bool {
         if !crate::coroutine::in_coroutine() {
             panic!("{api} called outside a coroutine");
         }
@@ -92,16 +95,17 @@ impl<T: ?Sized> CoRwLock<T> {
                 };
             if free {
                 st.owners = if exclusive { -1 } else { st.owners + 1 };
-                return;
+                return true;
             }
             let w = Waiter::new(exclusive, wake_current_coroutine(api));
             st.tickets.push(w.clone());
             w
         };
-        self.wait_granted(w);
+        let deadline = super::Deadline::after(timeout, api);
+        self.wait_granted(w, &deadline)
     }
 
-    fn wait_granted(&self, w: Arc<Waiter>) {
+    fn wait_granted(&self, w: Arc<Waiter>, deadline: &super::Deadline) -> bool {
         struct Cancel<'a, T: ?Sized>(&'a CoRwLock<T>, Option<Arc<Waiter>>);
         impl<T: ?Sized> Drop for Cancel<'_, T> {
             fn drop(&mut self) {
@@ -125,9 +129,13 @@ impl<T: ?Sized> CoRwLock<T> {
         }
         let mut c = Cancel(self, Some(w));
         while !c.1.as_ref().unwrap().is_granted() {
+            if deadline.expired() {
+                return false; // `c` leaves the queue, releasing a late grant
+            }
             crate::coroutine::suspend();
         }
         c.1 = None;
+        true
     }
 
     fn release(&self, exclusive: bool) {
@@ -155,11 +163,42 @@ impl<T: ?Sized> CoRwLock<T> {
     #[doc(alias = "qemu_co_rwlock_rdlock")]
     #[track_caller]
     pub fn read(&self) -> CoRwLockReadGuard<'_, T> {
-        self.acquire(false, "CoRwLock::read");
+        self.acquire(false, "CoRwLock::read", None);
         CoRwLockReadGuard {
             l: self,
             _not_send: PhantomData,
         }
+    }
+
+    /// [`read`](Self::read), giving up after `timeout` (`None`; the queue
+    /// is left consistent: see the [module docs](crate::sync#timeouts)).
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or in one without an AioContext.
+    #[track_caller]
+    pub fn read_timeout(&self, timeout: Duration) -> Option<CoRwLockReadGuard<'_, T>> {
+        // `then`, not `then_some`: a guard built and dropped on a timeout
+        // would release a lock it does not hold.
+        self.acquire(false, "CoRwLock::read_timeout", Some(timeout))
+            .then(|| CoRwLockReadGuard {
+                l: self,
+                _not_send: PhantomData,
+            })
+    }
+
+    /// [`write`](Self::write), giving up after `timeout` (`None`).
+    ///
+    /// # Panics
+    ///
+    /// Outside a coroutine, or in one without an AioContext.
+    #[track_caller]
+    pub fn write_timeout(&self, timeout: Duration) -> Option<CoRwLockWriteGuard<'_, T>> {
+        self.acquire(true, "CoRwLock::write_timeout", Some(timeout))
+            .then(|| CoRwLockWriteGuard {
+                l: self,
+                _not_send: PhantomData,
+            })
     }
 
     /// Takes the write lock (QEMU's `qemu_co_rwlock_wrlock`).
@@ -170,7 +209,7 @@ impl<T: ?Sized> CoRwLock<T> {
     #[doc(alias = "qemu_co_rwlock_wrlock")]
     #[track_caller]
     pub fn write(&self) -> CoRwLockWriteGuard<'_, T> {
-        self.acquire(true, "CoRwLock::write");
+        self.acquire(true, "CoRwLock::write", None);
         CoRwLockWriteGuard {
             l: self,
             _not_send: PhantomData,
@@ -228,7 +267,7 @@ impl<T: ?Sized> CoRwLock<T> {
             }
         };
         if let Some(w) = w {
-            l.wait_granted(w);
+            l.wait_granted(w, &super::Deadline::after(None, "CoRwLock::upgrade"));
         }
         CoRwLockWriteGuard {
             l,
