@@ -313,6 +313,18 @@ impl Drop for WeakRef {
     }
 }
 
+/// How a coroutine finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Its closure returned (its result is in the payload until taken).
+    Returned,
+    /// Its closure panicked.
+    Panicked,
+    /// It was cancelled (unwound, discarded before it started, or leaked
+    /// at its thread's exit).
+    Cancelled,
+}
+
 pub(crate) struct Header {
     pub(crate) strong: Cell<usize>,
     pub(crate) weak: Cell<usize>,
@@ -370,6 +382,13 @@ pub(crate) struct Header {
     /// Whether the thread was already panicking when this coroutine was
     /// last resumed (then a panic in progress is not necessarily its own).
     pub(crate) entered_panicking: Cell<bool>,
+    /// How it finished (meaningful once `state` is `Finished`).
+    pub(crate) end: Cell<End>,
+    /// Wakers of those joining it (`Coroutine::join`, `JoinSet`), woken
+    /// when it finishes.
+    pub(crate) joiners: Cell<Vec<std::task::Waker>>,
+    /// The message of the panic it ended with, for its joiners.
+    pub(crate) panic_text: Cell<Option<Box<str>>>,
     /// Bumped whenever the coroutine finishes and whenever the header is
     /// reused; a remote reference carrying an older value is stale.
     pub(crate) generation: AtomicU64,
@@ -418,6 +437,9 @@ impl Header {
             own_loop: Cell::new(ptr::null()),
             caller: Cell::new(ptr::null()),
             entered_panicking: Cell::new(false),
+            end: Cell::new(End::Returned),
+            joiners: Cell::new(Vec::new()),
+            panic_text: Cell::new(None),
             generation: AtomicU64::new(0),
             remote: RemoteCount::new(),
         });
@@ -561,6 +583,8 @@ impl Header {
         }
         self.queued.set(false);
         self.cancelling.set(false);
+        drop(self.joiners.take());
+        drop(self.panic_text.take());
         self.detached.set(false);
         self.ask_resumer.set(false);
         self.scheduled.reset();

@@ -102,6 +102,7 @@
 mod builder;
 mod current;
 mod header;
+mod join;
 mod overflow;
 mod pool;
 mod registry;
@@ -120,13 +121,14 @@ use std::ptr::NonNull;
 use std::sync::atomic::Ordering;
 
 pub use builder::Builder;
+pub use join::{JoinError, JoinFuture, JoinSet};
 pub use pool::{decrease_pool_batch_size, increase_pool_batch_size, pool_batch_size, pool_stats};
 pub use stack::{
     live_stacks, max_live_stacks, set_max_live_stacks, DEFAULT_STACK_SIZE, MIN_STACK_SIZE,
 };
 pub use wake::{reschedule_self, sleep, yield_now, RemoteCoroutine};
 
-use header::{Header, State, WakeList, WeakRef};
+use header::{End, Header, State, WakeList, WeakRef};
 use pool::{Cancelled, Cmd, Event, Worker};
 
 pub(crate) use current::{pop_loop, push_loop, running_loop};
@@ -674,12 +676,14 @@ fn discard_fresh(h: &Header) {
     // coroutine's handles (an `enter` then finds it finished).
     if let Some(w) = h.worker.take() {
         h.state.set(State::Finished);
+        h.end.set(End::Cancelled);
         h.links.unlink();
         h.bump_generation();
         // SAFETY: the worker never ran this job, so it is idle.
         unsafe { pool::release_worker(w) };
     }
     h.clear_payload();
+    wake_joiners(h);
 }
 
 /// Gives a suspended coroutine without handles to its resumer; returns
@@ -775,8 +779,10 @@ fn unwind_cmd(h: &Header) -> Option<Cmd> {
         // The worker (and its mapped stack) is leaked on purpose.
         let _ = h.worker.take();
         h.state.set(State::Finished);
+        h.end.set(End::Cancelled);
         h.links.unlink();
         h.bump_generation();
+        wake_joiners(h);
         None
     } else {
         h.cancelling.set(true);
@@ -931,6 +937,23 @@ fn resume_refused(h: &Header) -> Event {
 #[inline(always)]
 fn finish(h: &Header, w: NonNull<Worker>) {
     h.state.set(State::Finished);
+    // How it ended, for `join`.
+    let panicked = {
+        let p = h.panic.take();
+        let panicked = p.is_some();
+        if panicked && h.strong.get() > 0 {
+            h.panic_text.set(Some(panic_text_of(p.as_deref()).into()));
+        }
+        h.panic.set(p);
+        panicked
+    };
+    h.end.set(if panicked {
+        End::Panicked
+    } else if h.cancel_raised.get() || h.cancelling.get() {
+        End::Cancelled
+    } else {
+        End::Returned
+    });
     h.links.unlink();
     h.worker.set(None);
     h.cancelling.set(false);
@@ -944,6 +967,39 @@ fn finish(h: &Header, w: NonNull<Worker>) {
     }
     if h.detached.replace(false) {
         detached_finished(h);
+    }
+    wake_joiners(h);
+}
+
+/// Wakes those joining `h`, which just finished.
+#[inline(always)]
+fn wake_joiners(h: &Header) {
+    let js = h.joiners.take();
+    if !js.is_empty() {
+        wake_joiners_cold(js);
+    }
+}
+
+#[cold]
+fn wake_joiners_cold(js: Vec<std::task::Waker>) {
+    for w in js {
+        w.wake();
+    }
+}
+
+/// The text of a panic payload (`&str` or `String`).
+pub(crate) fn panic_text_of(p: Option<&(dyn Any + Send)>) -> String {
+    match p {
+        Some(p) => {
+            if let Some(s) = p.downcast_ref::<&str>() {
+                s.to_string()
+            } else if let Some(s) = p.downcast_ref::<String>() {
+                s.clone()
+            } else {
+                "a non-string panic payload".to_string()
+            }
+        }
+        None => String::new(),
     }
 }
 

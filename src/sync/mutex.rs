@@ -243,6 +243,9 @@ impl<T: ?Sized> CoMutex<T> {
     #[doc(alias = "qemu_co_mutex_lock")]
     #[track_caller]
     pub fn lock(&self) -> CoMutexGuard<'_, T> {
+        if !crate::coroutine::in_coroutine() {
+            panic!("CoMutex::lock called outside a coroutine");
+        }
         match self.lock_until(None, "CoMutex::lock") {
             Some(g) => g,
             None => unreachable!("an unbounded lock does not time out"),
@@ -260,6 +263,9 @@ impl<T: ?Sized> CoMutex<T> {
     /// timer).
     #[track_caller]
     pub fn lock_timeout(&self, timeout: Duration) -> Option<CoMutexGuard<'_, T>> {
+        if !crate::coroutine::in_coroutine() {
+            panic!("CoMutex::lock_timeout called outside a coroutine");
+        }
         self.lock_until(Some(timeout), "CoMutex::lock_timeout")
     }
 
