@@ -1,7 +1,7 @@
 //! QEMU's programming model in Rust: stackful coroutines that let ordinary,
 //! sequential code wait without blocking a thread.
 //!
-//! coroloop is being built capability by capability. Available now:
+//! What it provides:
 //!
 //! * [`coroutine`]: stackful coroutines on [corosensei] with QEMU's
 //!   semantics — enter / suspend along a caller chain, wake-up lists,
@@ -34,6 +34,15 @@
 //! * file I/O on the loop: [`aio::CoFile`] over the thread pool, io_uring
 //!   ([`aio::IoUring`]) or Linux AIO ([`aio::LinuxAio`]), QEMU's
 //!   `aio=threads|io_uring|native`.
+//! * [`net`]: TCP and Unix sockets for coroutines — [`net::TcpListener`],
+//!   [`net::TcpStream`], [`net::UnixListener`], [`net::UnixStream`]:
+//!   non-blocking by construction, `Read`/`Write` that suspend, read and
+//!   write timeouts that fail with `TimedOut`, `accept_timeout` and
+//!   `connect_timeout`.
+//! * Waiting for coroutines: [`Coroutine::join`] and
+//!   [`coroutine::JoinSet`] (completion order), also from async code; and
+//!   a bounded form of every lock wait ([`sync::CoMutex::lock_timeout`],
+//!   ...; see [`sync`]'s "Timeouts").
 //!
 //! # Feature flags
 //!
@@ -109,6 +118,54 @@
 //! assert_eq!(reader.take_result(), Some(1 + 20 + 300));
 //! ```
 //!
+//! # An accept loop
+//!
+//! A TCP server: one coroutine accepts, one coroutine per connection runs
+//! sequential code, and a connection silent for too long is dropped. The
+//! loop runs on an [`aio::IoThread`]; `examples/echo.rs` is the complete
+//! program with 64 clients.
+//!
+//! ```
+//! use coroloop::{aio::IoThread, net::{TcpListener, TcpStream}, Coroutine};
+//! use std::io::{BufRead, BufReader, ErrorKind, Write};
+//! use std::time::Duration;
+//!
+//! fn serve(conn: TcpStream) -> std::io::Result<()> {
+//!     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+//!     let mut lines = BufReader::new(&conn);
+//!     let mut line = String::new();
+//!     loop {
+//!         line.clear();
+//!         match lines.read_line(&mut line) {
+//!             Ok(0) => return Ok(()), // the peer closed
+//!             Ok(_) => (&conn).write_all(line.to_uppercase().as_bytes())?,
+//!             Err(e) if e.kind() == ErrorKind::TimedOut => return Ok(()), // idle
+//!             Err(e) => return Err(e),
+//!         }
+//!     }
+//! }
+//!
+//! let io = IoThread::spawn("server")?;
+//! let listener = TcpListener::bind("127.0.0.1:0")?; // non-blocking already
+//! let addr = listener.local_addr()?;
+//! io.context().bh_schedule_oneshot(move || {
+//!     Coroutine::new(move || loop {
+//!         let Ok((conn, _peer)) = listener.accept() else { return };
+//!         // Runs until it suspends; then its context owns it.
+//!         Coroutine::new(move || serve(conn)).enter();
+//!     })
+//!     .enter();
+//! });
+//!
+//! // A client, blocking, from this thread:
+//! let mut c = std::net::TcpStream::connect(addr)?;
+//! c.write_all(b"hello\n")?;
+//! let mut back = String::new();
+//! BufReader::new(&c).read_line(&mut back)?;
+//! assert_eq!(back, "HELLO\n");
+//! # std::io::Result::Ok(())
+//! ```
+//!
 //! # QEMU names
 //!
 //! Every item carries its QEMU name as a rustdoc alias, so searching the
@@ -161,6 +218,8 @@
 //! | running a loop until a condition, from async code | [`aio::AioContext::block_on`] |
 //! | tasks on the loop | [`aio::AioContext::spawn`], [`spawn_local`](aio::AioContext::spawn_local), [`spawn_coroutine`](aio::AioContext::spawn_coroutine) → [`aio::Task`] (await [`fallible()`](aio::Task::fallible) for `None` if the context shuts down first) |
 //! | `aio_get_g_source` (the loop inside another event loop) | `AioContext::run_in_smol` (feature `smol`), or [`prepare`](aio::AioContext::prepare) / [`pending`](aio::AioContext::pending) / [`dispatch`](aio::AioContext::dispatch) |
+//! | `QIOChannelSocket` + `qio_channel_yield` (accept, connect, read, write) | [`net::TcpListener`], [`net::TcpStream`], [`net::UnixListener`], [`net::UnixStream`] |
+//! | (no QEMU equivalent) join, `JoinSet`, bounded lock waits | [`Coroutine::join`], [`coroutine::JoinSet`], [`sync::CoMutex::lock_timeout`], [`sync::CoQueue::wait_timeout`] |
 //! | `CoMutex` / `CoQueue` from async code | [`sync::CoMutex::lock_async`], [`sync::CoQueue::wait_async`], [`wait_unlocked_async`](sync::CoQueue::wait_unlocked_async) |
 //!
 //! # Threads
