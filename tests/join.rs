@@ -218,3 +218,46 @@ fn join_set_cancel_all() {
         assert_eq!(r, 10);
     });
 }
+
+/// Found by the API fuzzer (program seed 8829696300826754488): `join` kept
+/// a handle of the joining coroutine on its own stack while it waited, so
+/// dropping every other handle neither handed it over nor cancelled it: it
+/// leaked, with the coroutine it joined. Now it is unwound (a bare one) and
+/// both closures are dropped.
+#[test]
+fn a_joiner_whose_handles_are_dropped_is_not_kept_alive_by_itself() {
+    on_fresh_thread(|| {
+        let old = AioContext::new().unwrap();
+        let ctx = AioContext::new().unwrap();
+        drop(old); // the thread's default context is shut down: bare coroutines
+        let dropped = Rc::new(RefCell::new(Vec::new()));
+        struct Flag(Rc<RefCell<Vec<&'static str>>>, &'static str);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.borrow_mut().push(self.1);
+            }
+        }
+        let f2 = Flag(dropped.clone(), "joined");
+        let joined = Coroutine::new(move || {
+            let _f = &f2;
+            0u8
+        });
+        let f3 = Flag(dropped.clone(), "joiner");
+        let j = joined.clone();
+        let joiner = Coroutine::new(move || {
+            let _f = &f3;
+            j.join().is_ok()
+        });
+        joiner.enter();
+        assert!(
+            !joiner.is_finished(),
+            "waits for a coroutine nothing starts"
+        );
+        drop(joined);
+        drop(joiner);
+        let mut d = dropped.borrow().clone();
+        d.sort_unstable();
+        assert_eq!(d, ["joined", "joiner"]);
+        drop(ctx);
+    });
+}

@@ -145,11 +145,15 @@ impl<T: 'static> Coroutine<T> {
                 "Coroutine::join: joining a coroutine that entered this one would wait for ever"
             );
         }
-        let mut registered = false;
+        // No handle of itself may stay on its stack while it waits: that
+        // would keep it alive when every other handle is gone (found by
+        // the API fuzzer: such a joiner was never taken over nor
+        // cancelled, and leaked).
+        let mut waker = Some(me.waker());
+        drop(me);
         while !self.is_finished() {
-            if !registered {
-                add_joiner(self.header(), me.waker());
-                registered = true;
+            if let Some(w) = waker.take() {
+                add_joiner(self.header(), w);
             }
             super::suspend();
         }

@@ -218,6 +218,10 @@ const ALLOWED: &[&str] = &[
     "re-entered recursively",
     "another coroutine already sleeps on this CoSleep",
     "this coroutine has no resumer",
+    "cannot join itself",
+    "joining a coroutine that entered this one",
+    "the result was already taken",
+    "the coroutine has no AioContext for its timer",
     // Two deliberate panics in one enter: the second is logged and dropped
     // (crate docs, "Panics").
     "a second coroutine panicked in one enter",

@@ -663,6 +663,39 @@ pub(crate) fn exec(op: &Op) {
                 });
             }
         }
+        Op::Join { s } => {
+            if let Some(co) = co(*s) {
+                let r = co.join();
+                if let Err(e) = r {
+                    let _ = (e.is_panic(), e.is_cancelled());
+                }
+            }
+        }
+        Op::LockTimeout { m, us: d, body } => {
+            let Some(g) = g() else { return };
+            let m = *m as usize;
+            let Some(_guard) = g.mutexes[m].lock_timeout(us(*d).max(Duration::from_micros(1)))
+            else {
+                return;
+            };
+            if g.held[m].swap(true, Ordering::SeqCst) {
+                fail(format!("CoMutex {m}: two holders at once (lock_timeout)"));
+            }
+            struct Held<'a>(&'a AtomicBool);
+            impl Drop for Held<'_> {
+                fn drop(&mut self) {
+                    self.0.store(false, Ordering::SeqCst);
+                }
+            }
+            let _held = Held(&g.held[m]);
+            run_body(body);
+        }
+        Op::QueueWaitTimeout { us: d } => {
+            if let Some(g) = g() {
+                g.queue
+                    .wait_unlocked_timeout(us(*d).max(Duration::from_micros(1)));
+            }
+        }
         Op::Panic => panic!("fuzz: deliberate panic"),
         Op::ThreadExit => {}
     }

@@ -200,6 +200,17 @@ pub(crate) enum Op {
     PoolWork {
         us: u16,
     },
+    Join {
+        s: u8,
+    },
+    LockTimeout {
+        m: u8,
+        us: u16,
+        body: Vec<Op>,
+    },
+    QueueWaitTimeout {
+        us: u16,
+    },
     Panic,
     // ---- top level only
     ThreadExit,
@@ -317,7 +328,7 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
     // Coroutine-only ops first, a third of the time inside coroutines.
     if in_co && r.chance(35) {
         loop {
-            let op = match r.below(16) {
+            let op = match r.below(19) {
                 0 if !bounded => Op::Suspend,
                 1 => Op::Yield,
                 2 => Op::Sleep {
@@ -356,6 +367,15 @@ fn gen_op(r: &mut Rng, kind: Kind, depth: u32) -> Op {
                 15 if !bounded => Op::Lock {
                     m: r.u8(MUTEXES),
                     body: vec![Op::Yield],
+                },
+                16 if !bounded => Op::Join { s: r.u8(COS) },
+                17 => Op::LockTimeout {
+                    m: r.u8(MUTEXES),
+                    us: r.below(500) as u16,
+                    body: gen_body(r, co_kind, depth),
+                },
+                18 => Op::QueueWaitTimeout {
+                    us: r.below(500) as u16,
                 },
                 _ => continue,
             };
@@ -530,6 +550,7 @@ pub(crate) fn body_of(op: &Op) -> Option<&Vec<Op>> {
         | Op::BlockOn { body, .. }
         | Op::IoThreadRun { body, .. }
         | Op::Lock { body, .. }
+        | Op::LockTimeout { body, .. }
         | Op::Read { body }
         | Op::Write { body } => Some(body),
         _ => None,
@@ -550,6 +571,7 @@ fn body_of_mut(op: &mut Op) -> Option<&mut Vec<Op>> {
         | Op::BlockOn { body, .. }
         | Op::IoThreadRun { body, .. }
         | Op::Lock { body, .. }
+        | Op::LockTimeout { body, .. }
         | Op::Read { body }
         | Op::Write { body } => Some(body),
         _ => None,

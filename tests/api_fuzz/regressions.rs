@@ -130,5 +130,42 @@ pub(crate) fn programs() -> Vec<(&'static str, Program)> {
                 finish: [1, 0, 1],
             },
         ),
+        // Program seed 8829696300826754488: `Coroutine::join` kept a handle
+        // of the joiner on its own stack while it waited, so dropping every
+        // other handle (its default context shut down: a bare coroutine)
+        // neither handed it over nor cancelled it: both coroutines leaked
+        // silently. The joiner holds no handle of itself now.
+        (
+            "a joiner kept alive by its own handle",
+            Program {
+                steps: vec![
+                    (0, Op::CtxNew { c: 0, uring: false }),
+                    (0, Op::CoNew { s: 2, body: vec![] }),
+                    (
+                        0,
+                        Op::SpawnCoroutine {
+                            s: 1,
+                            c: 0,
+                            body: vec![Op::CoWake { s: 3 }],
+                        },
+                    ),
+                    (
+                        0,
+                        Op::CoNew {
+                            s: 3,
+                            body: vec![Op::Join { s: 2 }],
+                        },
+                    ),
+                    (
+                        0,
+                        Op::Poll {
+                            c: 0,
+                            blocking: true,
+                        },
+                    ),
+                ],
+                finish: [1, 1, 1],
+            },
+        ),
     ]
 }
