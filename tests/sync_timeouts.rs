@@ -206,3 +206,22 @@ fn bounded_waits_outside_a_coroutine_panic_with_the_call_named() {
         "{msg}"
     );
 }
+
+/// Found by the API fuzzer (program seed 8044187931261641910): a bounded
+/// wait in a coroutine served by a shut-down context (a `block_on` of it)
+/// armed a timer the context refused, and never ended. It times out at
+/// once now.
+#[test]
+fn a_bounded_wait_on_a_shut_down_context_times_out() {
+    on_fresh_thread(|| {
+        let ctx = AioContext::new().unwrap();
+        ctx.shutdown();
+        let q = Rc::new(CoQueue::new());
+        let q1 = q.clone();
+        let woken = ctx.block_on(coroloop::future::CoroutineFuture::new(move || {
+            q1.wait_unlocked_timeout(Duration::from_micros(283))
+        }));
+        assert!(!woken);
+        assert!(q.is_empty());
+    });
+}

@@ -66,7 +66,11 @@ impl Deadline {
         let Some(ctx) = me.aio_context().map(|c| c.internal()) else {
             panic!("{api}: the coroutine has no AioContext for its timer");
         };
-        let expired = Rc::new(Cell::new(false));
+        // A shut-down context arms no timer: the wait would never be
+        // bounded (found by the API fuzzer: a `block_on` of a shut-down
+        // context hung in a bounded wait). Nothing can time it: it has
+        // timed out.
+        let expired = Rc::new(Cell::new(ctx.inner.is_dead()));
         let (e, r) = (expired.clone(), me.remote());
         let timer = ctx.timer_new(ClockType::Realtime, move || {
             e.set(true);

@@ -167,5 +167,31 @@ pub(crate) fn programs() -> Vec<(&'static str, Program)> {
                 finish: [1, 1, 1],
             },
         ),
+        // Program seed 8044187931261641910: a bounded wait in a coroutine
+        // served by a shut-down context (`block_on` of it) armed a timer
+        // the context refused, and never ended. It times out at once now.
+        (
+            "bounded wait on a shut-down context",
+            Program {
+                steps: vec![
+                    (
+                        2,
+                        Op::SmolSpawn {
+                            body: vec![Op::CtxNew { c: 1, uring: false }],
+                        },
+                    ),
+                    (2, Op::SmolTick { n: 1 }),
+                    (2, Op::CtxShutdown { c: 1 }),
+                    (
+                        2,
+                        Op::BlockOn {
+                            c: 1,
+                            body: vec![Op::QueueWaitTimeout { us: 283 }],
+                        },
+                    ),
+                ],
+                finish: [1, 0, 1],
+            },
+        ),
     ]
 }
