@@ -225,3 +225,31 @@ fn a_bounded_wait_on_a_shut_down_context_times_out() {
         assert!(q.is_empty());
     });
 }
+
+/// `CoRwLock::read_timeout` behind a writer times out; the writer's
+/// release then admits a later reader (the queue is consistent).
+#[test]
+fn read_timeout_behind_a_writer() {
+    on_fresh_thread(|| {
+        let ctx = AioContext::new().unwrap();
+        let l = Rc::new(CoRwLock::new(0));
+        let l1 = l.clone();
+        let co = Coroutine::new(move || {
+            let mut w = l1.write();
+            let l2 = l1.clone();
+            let reader = Coroutine::new(move || l2.read_timeout(SHORT).map(|g| *g));
+            reader.enter();
+            while !reader.is_finished() {
+                coroutine::sleep(Duration::from_millis(1));
+            }
+            *w = 5;
+            drop(w);
+            let late = l1.read_timeout(SHORT).map(|g| *g);
+            (reader.take_result().unwrap(), late)
+        });
+        co.enter();
+        ctx.poll_while(|| !co.is_finished());
+        assert_eq!(co.take_result(), Some((None, Some(5))));
+        assert!(l.try_write().is_some());
+    });
+}
