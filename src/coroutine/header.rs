@@ -561,6 +561,15 @@ impl Header {
         // Otherwise the last remote drop frees it (`release_remote`).
     }
 
+    /// Whether someone waits for this coroutine to finish (no move of the
+    /// list).
+    #[inline(always)]
+    pub(crate) fn has_joiners(&self) -> bool {
+        // SAFETY: home-thread field; no reference into it is live (it is
+        // only touched by `take`/`set`, never borrowed across a call).
+        unsafe { !(*self.joiners.as_ptr()).is_empty() }
+    }
+
     #[inline]
     fn reset_home_fields(&self) {
         debug_assert!(self.worker.get().is_none());
@@ -583,8 +592,13 @@ impl Header {
         }
         self.queued.set(false);
         self.cancelling.set(false);
-        drop(self.joiners.take());
-        drop(self.panic_text.take());
+        if self.has_joiners() {
+            drop(self.joiners.take());
+        }
+        // SAFETY: home-thread field, no reference into it is live.
+        if unsafe { (*self.panic_text.as_ptr()).is_some() } {
+            drop(self.panic_text.take());
+        }
         self.detached.set(false);
         self.ask_resumer.set(false);
         self.scheduled.reset();

@@ -916,7 +916,7 @@ fn switch(h: &Header, from: *const Header, cmd: Cmd) -> Event {
     if ev == Event::Suspended {
         h.state.set(State::Suspended);
     } else {
-        finish(h, w);
+        finish(h, w, ev == Event::Panicked);
     }
     ev
 }
@@ -935,19 +935,11 @@ fn resume_refused(h: &Header) -> Event {
 }
 
 #[inline(always)]
-fn finish(h: &Header, w: NonNull<Worker>) {
+fn finish(h: &Header, w: NonNull<Worker>, panicked: bool) {
     h.state.set(State::Finished);
     // How it ended, for `join`.
-    let panicked = {
-        let p = h.panic.take();
-        let panicked = p.is_some();
-        if panicked && h.strong.get() > 0 {
-            h.panic_text.set(Some(panic_text_of(p.as_deref()).into()));
-        }
-        h.panic.set(p);
-        panicked
-    };
     h.end.set(if panicked {
+        record_panic_text(h);
         End::Panicked
     } else if h.cancel_raised.get() || h.cancelling.get() {
         End::Cancelled
@@ -971,18 +963,28 @@ fn finish(h: &Header, w: NonNull<Worker>) {
     wake_joiners(h);
 }
 
+/// Keeps the message of the panic `h` ended with, for its joiners (if any
+/// handle is left to join it).
+#[cold]
+fn record_panic_text(h: &Header) {
+    if h.strong.get() > 0 {
+        let p = h.panic.take();
+        h.panic_text.set(Some(panic_text_of(p.as_deref()).into()));
+        h.panic.set(p);
+    }
+}
+
 /// Wakes those joining `h`, which just finished.
 #[inline(always)]
 fn wake_joiners(h: &Header) {
-    let js = h.joiners.take();
-    if !js.is_empty() {
-        wake_joiners_cold(js);
+    if h.has_joiners() {
+        wake_joiners_cold(h);
     }
 }
 
 #[cold]
-fn wake_joiners_cold(js: Vec<std::task::Waker>) {
-    for w in js {
+fn wake_joiners_cold(h: &Header) {
+    for w in h.joiners.take() {
         w.wake();
     }
 }
