@@ -253,3 +253,29 @@ fn read_timeout_behind_a_writer() {
         assert!(l.try_write().is_some());
     });
 }
+
+/// Found by the API fuzzer (program seed 7270455167796295686): the context
+/// shut down while a bounded wait was armed on it (a task shut it down
+/// during the `block_on`): its timer's callback was dropped unrun and the
+/// wait never ended. Dropping the callback expires the wait now.
+#[test]
+fn a_shutdown_during_a_bounded_wait_ends_it() {
+    on_fresh_thread(|| {
+        let ctx = AioContext::new().unwrap();
+        let c = ctx.clone();
+        ctx.spawn(async move {
+            for _ in 0..3 {
+                smol::future::yield_now().await;
+            }
+            c.shutdown();
+        })
+        .detach();
+        let q = Rc::new(CoQueue::new());
+        let q1 = q.clone();
+        let woken = ctx.block_on(coroloop::future::CoroutineFuture::new(move || {
+            q1.wait_unlocked_timeout(Duration::from_secs(600))
+        }));
+        assert!(!woken);
+        assert!(q.is_empty());
+    });
+}

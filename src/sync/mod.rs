@@ -48,7 +48,35 @@ use crate::aio::{ClockType, Timer};
 /// far as the wait's grant is concerned). No timer for `None`.
 pub(crate) struct Deadline {
     /// `None` for an unbounded wait (no allocation, no timer).
-    expired: Option<(Rc<Cell<bool>>, Timer)>,
+    inner: Option<(Rc<DeadlineState>, Timer)>,
+}
+
+struct DeadlineState {
+    expired: Cell<bool>,
+    /// The wait is over: a late drop of the timer's callback wakes nobody.
+    done: Cell<bool>,
+}
+
+/// Moved into the timer's callback: expires the wait when the callback
+/// runs, and also when it is dropped unrun (the context shut down and
+/// dropped its timers' callbacks), so the waiter always learns.
+struct Expire {
+    st: Rc<DeadlineState>,
+    waiter: crate::coroutine::RemoteCoroutine,
+}
+
+impl Expire {
+    fn fire(&self) {
+        if !self.st.done.get() && !self.st.expired.replace(true) {
+            self.waiter.wake();
+        }
+    }
+}
+
+impl Drop for Expire {
+    fn drop(&mut self) {
+        self.fire();
+    }
 }
 
 impl Deadline {
@@ -58,7 +86,7 @@ impl Deadline {
     #[track_caller]
     pub(crate) fn after(d: Option<Duration>, api: &str) -> Deadline {
         let Some(d) = d else {
-            return Deadline { expired: None };
+            return Deadline { inner: None };
         };
         let Some(me) = crate::Coroutine::current() else {
             panic!("{api} called outside a coroutine");
@@ -66,23 +94,34 @@ impl Deadline {
         let Some(ctx) = me.aio_context().map(|c| c.internal()) else {
             panic!("{api}: the coroutine has no AioContext for its timer");
         };
-        // A shut-down context arms no timer: the wait would never be
-        // bounded (found by the API fuzzer: a `block_on` of a shut-down
-        // context hung in a bounded wait). Nothing can time it: it has
-        // timed out.
-        let expired = Rc::new(Cell::new(ctx.inner.is_dead()));
-        let (e, r) = (expired.clone(), me.remote());
-        let timer = ctx.timer_new(ClockType::Realtime, move || {
-            e.set(true);
-            r.wake();
+        // A shut-down context arms no timer: nothing can time the wait, so
+        // it has timed out (found by the API fuzzer: a `block_on` of a
+        // shut-down context hung in a bounded wait).
+        let st = Rc::new(DeadlineState {
+            expired: Cell::new(ctx.inner.is_dead()),
+            done: Cell::new(false),
         });
+        let expire = Expire {
+            st: st.clone(),
+            waiter: me.remote(),
+        };
+        let timer = ctx.timer_new(ClockType::Realtime, move || expire.fire());
         timer.mod_after(d);
         Deadline {
-            expired: Some((expired, timer)),
+            inner: Some((st, timer)),
         }
     }
 
     pub(crate) fn expired(&self) -> bool {
-        self.expired.as_ref().is_some_and(|(e, _)| e.get())
+        self.inner.as_ref().is_some_and(|(st, _)| st.expired.get())
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        if let Some((st, timer)) = self.inner.take() {
+            st.done.set(true);
+            drop(timer);
+        }
     }
 }

@@ -193,5 +193,34 @@ pub(crate) fn programs() -> Vec<(&'static str, Program)> {
                 finish: [1, 0, 1],
             },
         ),
+        // Program seed 7270455167796295686: a task shut the context down
+        // while a `block_on` of it waited in a bounded wait: the timer's
+        // callback was dropped unrun and the wait never ended. Dropping the
+        // callback expires the wait now.
+        (
+            "shutdown during a bounded wait",
+            Program {
+                steps: vec![
+                    (0, Op::CtxNew { c: 1, uring: true }),
+                    (
+                        0,
+                        Op::Spawn {
+                            s: 1,
+                            c: 1,
+                            yields: 3,
+                            body: vec![Op::CtxShutdown { c: 1 }],
+                        },
+                    ),
+                    (
+                        0,
+                        Op::BlockOn {
+                            c: 1,
+                            body: vec![Op::QueueWaitTimeout { us: 253 }],
+                        },
+                    ),
+                ],
+                finish: [2, 2, 2],
+            },
+        ),
     ]
 }
