@@ -180,6 +180,10 @@ impl Worker {
 struct LocalPool {
     workers: Vec<NonNull<Worker>>,
     headers: Vec<NonNull<Header>>,
+    /// Workers handed out and not given back: the thread's unfinished
+    /// coroutines (approximately: `reschedule_self` moves one to another
+    /// thread), reported at the thread's exit.
+    lent: isize,
 }
 
 impl Drop for LocalPool {
@@ -213,6 +217,20 @@ impl Drop for LocalOwner {
         super::teardown::begin_thread_teardown();
         let p = LOCAL.with(|l| l.replace(std::ptr::null_mut()));
         if !p.is_null() {
+            // SAFETY: as below; read before the pool is dropped.
+            let lent = unsafe { (*p).lent };
+            if lent > 0 {
+                // Suspended coroutines cannot be unwound any more: they are
+                // leaked, whether a later destructor drops their handles
+                // (logged again then) or nothing ever does (their handles
+                // held in a cycle, found by the API fuzzer to leak without
+                // a word).
+                log::warn!(
+                    "coroloop: {lent} coroutine(s) of this thread are unfinished at its exit: \
+                     their stacks are leaked (finish, cancel() or drop them before the thread \
+                     exits; handles held in a cycle keep them too)"
+                );
+            }
             // SAFETY: `p` came from Box::into_raw in `with_local`, and was
             // unpublished above so nothing else can reach it.
             drop(unsafe { Box::from_raw(p) });
@@ -240,6 +258,7 @@ fn init_local() -> Option<*mut LocalPool> {
     let p = Box::into_raw(Box::new(LocalPool {
         workers: Vec::new(),
         headers: Vec::new(),
+        lent: 0,
     }));
     LOCAL.with(|l| l.set(p));
     Some(p)
@@ -327,7 +346,10 @@ pub(crate) fn take_pair(size: usize) -> io::Result<(NonNull<Worker>, NonNull<Hea
     if size == DEFAULT_STACK_SIZE {
         // Fast path: both from this thread's pool in one visit.
         let pair = with_local(|p| match (p.workers.pop(), p.headers.pop()) {
-            (Some(w), Some(h)) => Some((w, h)),
+            (Some(w), Some(h)) => {
+                p.lent += 1;
+                Some((w, h))
+            }
             (w, h) => {
                 p.workers.extend(w);
                 p.headers.extend(h);
@@ -344,9 +366,12 @@ pub(crate) fn take_pair(size: usize) -> io::Result<(NonNull<Worker>, NonNull<Hea
 #[cold]
 fn take_pair_slow(size: usize) -> io::Result<(NonNull<Worker>, NonNull<Header>)> {
     let w = take_worker(size)?;
-    let h = with_local(|p| p.headers.pop())
-        .flatten()
-        .unwrap_or_else(Header::new_boxed);
+    let h = with_local(|p| {
+        p.lent += 1;
+        p.headers.pop()
+    })
+    .flatten()
+    .unwrap_or_else(Header::new_boxed);
     Ok((w, h))
 }
 
@@ -401,6 +426,7 @@ pub(crate) unsafe fn release_worker(w: NonNull<Worker>) {
     if unsafe { w.as_ref() }.size == DEFAULT_STACK_SIZE {
         let batch = pool_batch_size();
         let kept = with_local(|p| {
+            p.lent -= 1;
             if p.workers.len() < batch {
                 p.workers.push(w);
                 true
@@ -411,6 +437,8 @@ pub(crate) unsafe fn release_worker(w: NonNull<Worker>) {
         if kept == Some(true) {
             return;
         }
+    } else {
+        with_local(|p| p.lent -= 1);
     }
     // SAFETY: forwarded from the caller.
     unsafe { retire_worker(w) };
