@@ -658,3 +658,25 @@ fn a_fresh_coroutine_detached_starts() {
         assert_eq!(ran.get(), 11);
     });
 }
+
+/// Found by the API fuzzer (program seed 17666636564805800179): a coroutine
+/// created by a callback (here a BH) that a nested `poll` ran inside a
+/// `CoroutineFuture`'s coroutine inherited the future as its resumer; once
+/// detached, the future waited for it to finish, for ever. What a loop's
+/// callback creates belongs to the loop's context.
+#[test]
+fn a_coroutine_created_by_a_callback_of_a_nested_poll_belongs_to_the_context() {
+    on_fresh_thread(|| {
+        let ctx = AioContext::new().unwrap();
+        let c2 = ctx.clone();
+        let bh = ctx.bh_new_local(|| {
+            Coroutine::new(coroloop::coroutine::suspend).detach();
+        });
+        bh.schedule();
+        ctx.block_on(coroloop::future::CoroutineFuture::new(move || {
+            c2.poll(false); // runs the BH on this coroutine's stack
+        }));
+        assert_eq!(ctx.detached_count(), 1, "the context owns it");
+        ctx.shutdown();
+    });
+}

@@ -109,7 +109,15 @@ where
     hr.bounds.set(unsafe { worker.as_ref() }.bounds);
     hr.worker.set(Some(worker));
     let cur = current::current_ptr();
-    if !cur.is_null() {
+    // A callback of a `poll` running on the current coroutine's stack (a
+    // nested poll) is the loop's code, not the coroutine's: what it creates
+    // belongs to the loop's context (found by the API fuzzer: an fd
+    // handler's coroutine, created in a nested poll inside a
+    // `CoroutineFuture` and detached, was taken over by the future, which
+    // then waited for it for ever).
+    // SAFETY: the running coroutine's header is alive while it runs.
+    let in_loop_callback = !cur.is_null() && !unsafe { (*cur).own_loop.get() }.is_null();
+    if !cur.is_null() && !in_loop_callback {
         inherit_resumer(cur, hr);
     } else if let Some((r, list)) = crate::aio::thread_default_resumer() {
         // SAFETY: the list lives in the resumer `r`, which stays alive (in

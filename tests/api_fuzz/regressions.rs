@@ -222,5 +222,51 @@ pub(crate) fn programs() -> Vec<(&'static str, Program)> {
                 finish: [2, 2, 2],
             },
         ),
+        // Program seed 17666636564805800179: an fd handler, run by a nested
+        // poll inside a `block_on`'s CoroutineFuture, created a coroutine
+        // that inherited the future as its resumer; detached, it made the
+        // future wait for ever. What a loop's callback creates belongs to
+        // the loop's context now.
+        (
+            "coroutine created by a callback of a nested poll",
+            Program {
+                steps: vec![
+                    (
+                        2,
+                        Op::FdAdd {
+                            s: 0,
+                            c: 0,
+                            body: vec![Op::CoNew {
+                                s: 2,
+                                body: vec![Op::Suspend],
+                            }],
+                        },
+                    ),
+                    (
+                        2,
+                        Op::Spawn {
+                            s: 2,
+                            c: 0,
+                            yields: 1,
+                            body: vec![Op::CoDetach { s: 2 }],
+                        },
+                    ),
+                    (
+                        2,
+                        Op::BlockOn {
+                            c: 0,
+                            body: vec![
+                                Op::Poll {
+                                    c: 0,
+                                    blocking: false,
+                                },
+                                Op::Sleep { us: 98 },
+                            ],
+                        },
+                    ),
+                ],
+                finish: [0, 2, 0],
+            },
+        ),
     ]
 }
