@@ -16,7 +16,8 @@
 //! program's seed, for `replay`), `COROLOOP_FUZZ_SHRINK=0` (report a
 //! failure without shrinking it), `COROLOOP_FUZZ_LOG=1` (print the
 //! library's log lines), `COROLOOP_FUZZ_HANG_SECS` (a step's time limit,
-//! default 30). `COROLOOP_SEED` is `tests/stray_wakes.rs`'s and is not
+//! default 30), `COROLOOP_FUZZ_NO_URING=1` (no io_uring: for valgrind).
+//! `COROLOOP_SEED` is `tests/stray_wakes.rs`'s and is not
 //! read here.
 
 mod check;
