@@ -590,12 +590,6 @@ pub(crate) fn exec(op: &Op) {
             if g.held[m].swap(true, Ordering::SeqCst) {
                 fail(format!("CoMutex {m}: two holders at once"));
             }
-            struct Held<'a>(&'a AtomicBool);
-            impl Drop for Held<'_> {
-                fn drop(&mut self) {
-                    self.0.store(false, Ordering::SeqCst);
-                }
-            }
             let _held = Held(&g.held[m]);
             run_body(body);
         }
@@ -681,12 +675,6 @@ pub(crate) fn exec(op: &Op) {
             if g.held[m].swap(true, Ordering::SeqCst) {
                 fail(format!("CoMutex {m}: two holders at once (lock_timeout)"));
             }
-            struct Held<'a>(&'a AtomicBool);
-            impl Drop for Held<'_> {
-                fn drop(&mut self) {
-                    self.0.store(false, Ordering::SeqCst);
-                }
-            }
             let _held = Held(&g.held[m]);
             run_body(body);
         }
@@ -707,6 +695,15 @@ fn refused(ctx: &AioContext, api: &str, e: std::io::Error) {
         fail(format!("{api}: {e}"));
     }
     let _ = ctx;
+}
+
+/// Clears a lock's "held" flag when its holder lets go (also unwinding).
+struct Held<'a>(&'a AtomicBool);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 fn drain(fd: &OwnedFd) {
