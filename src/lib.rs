@@ -316,4 +316,5 @@ mod loom;
 pub mod net;
 pub mod sync;
 
+pub use aio::{AioContext, IoThread};
 pub use coroutine::Coroutine;

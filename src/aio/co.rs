@@ -3,14 +3,22 @@
 //! A context queues coroutines scheduled or woken from anywhere in a
 //! lock-free queue and enters them on its home thread during `poll`, after
 //! the bottom halves (QEMU's `co_schedule_bh`).
+//!
+//! The coroutine core does not know contexts (ARCHITECTURE.md,
+//! "Layering"): what a coroutine needs a context for lives here —
+//! [`sleep`], [`reschedule_self`], `Coroutine::aio_context` — and is
+//! re-exported at its public path (`coroutine::sleep`, ...).
 
+use std::any::Any;
 use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use concurrent_queue::ConcurrentQueue;
 
-use super::{home_default, running_inner, AioContext, Inner};
+use super::{home_default, running_inner, AioContext, ClockType, Inner};
 use crate::coroutine::{
-    enter_request, CoList, CoReqKind, Coroutine, Erased, RemoteRef, Request, Resumer,
+    self, arrive, depart, enter_request, CoList, CoReqKind, Coroutine, Erased, MovedOwner,
+    RemoteCoroutine, RemoteRef, Request, Resumer, WakeOnDrop,
 };
 
 pub(crate) struct CoQueue {
@@ -31,6 +39,10 @@ impl CoQueue {
     }
 
     pub(crate) fn set_resumer(&self, inner: &Arc<Inner>) {
+        // The loop plugs itself into the coroutine core: from now on,
+        // coroutines created outside any coroutine look up their thread's
+        // context (before the first context, none exists).
+        coroutine::set_default_resumer_hook(thread_default_resumer);
         let _ = self.resumer.set(Arc::new(CtxResumer {
             inner: Arc::downgrade(inner),
             list: CoList::new(),
@@ -80,8 +92,8 @@ impl Resumer for CtxResumer {
         }
     }
 
-    fn aio_context(&self) -> Option<AioContext> {
-        self.inner.upgrade().map(AioContext::from_inner)
+    fn event_loop(&self) -> Option<Arc<dyn Any + Send + Sync>> {
+        Some(self.inner.upgrade()?)
     }
 
     fn coroutines(&self) -> Option<&CoList> {
@@ -116,6 +128,8 @@ impl Resumer for CtxResumer {
 
 /// The resumer for a coroutine created outside any coroutine on this
 /// thread: the context whose `poll` runs here, else the thread's default.
+/// The coroutine core calls it through the hook registered when the first
+/// context is created.
 ///
 /// Also returns the context's list of coroutines, which the new coroutine
 /// joins (valid as long as the returned resumer lives).
@@ -271,4 +285,137 @@ impl AioContext {
         self.inner.assert_home("AioContext::detached_count");
         self.inner.local().detached.borrow().len()
     }
+}
+
+/// The context behind a resumer, if it is a context's and the context
+/// still exists.
+fn context_of(r: &Arc<dyn Resumer>) -> Option<AioContext> {
+    let any = r.event_loop()?;
+    any.downcast::<Inner>().ok().map(AioContext::from_inner)
+}
+
+impl<T> Coroutine<T> {
+    /// The context that enters this coroutine when it is scheduled or woken
+    /// from elsewhere (QEMU's `qemu_coroutine_get_aio_context`).
+    #[doc(alias = "qemu_coroutine_get_aio_context")]
+    pub fn aio_context(&self) -> Option<AioContext> {
+        context_of(&self.resumer()?)
+    }
+}
+
+impl RemoteCoroutine {
+    /// The context that enters the coroutine, if any.
+    pub fn aio_context(&self) -> Option<AioContext> {
+        context_of(self.resumer()?)
+    }
+}
+
+/// Suspends the current coroutine for at least `d`, on its context's
+/// realtime timers (QEMU's `qemu_co_sleep_ns`). Other wakes in between do
+/// not end the sleep early.
+///
+/// # Panics
+///
+/// Outside a coroutine, or in one without an AioContext on its thread.
+#[doc(alias = "qemu_co_sleep_ns")]
+#[track_caller]
+pub fn sleep(d: Duration) {
+    let co = match Coroutine::current() {
+        Some(co) => co,
+        None => panic!("coroutine::sleep() called outside a coroutine"),
+    };
+    let Some(ctx) = co.aio_context().map(|c| c.internal()) else {
+        panic!("coroutine::sleep(): the coroutine has no AioContext for its timer");
+    };
+    let fired = std::rc::Rc::new(std::cell::Cell::new(false));
+    let f = fired.clone();
+    let r = co.remote();
+    // If the context shuts down, the timer's callback is dropped unrun:
+    // this wakes the sleeper (through its resumer, never entering it from
+    // the shutdown), which then finds the context dead.
+    let on_drop = WakeOnDrop(co.remote());
+    drop(co);
+    let timer = ctx.timer_new(ClockType::Realtime, move || {
+        let _ = &on_drop;
+        f.set(true);
+        // SAFETY: timer callbacks run on the context's home thread, which
+        // is this coroutine's home thread.
+        if let Some(co) = unsafe { r.upgrade_home() } {
+            co.wake();
+        }
+    });
+    timer.mod_after(d);
+    while !fired.get() {
+        if ctx.inner.is_dead() {
+            // Nothing will ever end this sleep: a coroutine of a shut-down
+            // context is cancelled (ARCHITECTURE.md, "Who owns a
+            // coroutine").
+            coroutine::cancel_current();
+        }
+        coroutine::suspend();
+    }
+}
+
+/// Moves the current coroutine to `ctx`: it suspends here and is entered
+/// next on `ctx`'s home thread (QEMU's `aio_co_reschedule_self`).
+///
+/// # Safety
+///
+/// A coroutine's stack may hold values bound to its thread, and its
+/// handles and bookkeeping are not thread-safe. The caller guarantees:
+///
+/// * nothing on the coroutine's stack is bound to the current thread (no
+///   `Rc` shared with this thread, no `RefCell` borrow of its data, no
+///   reference to its thread-locals, no lock guard of a thread-affine lock);
+/// * no [`Coroutine`] handle of it is used (cloned, dropped, entered,
+///   queried) on any thread while it runs or is suspended on `ctx`'s
+///   thread — in practice, it is [detached](Coroutine::detach) or its
+///   handles are leaked;
+/// * nothing on this thread will enter or wake it by hand afterwards.
+///
+/// Wakers and [`RemoteCoroutine`]s made before the move still queue it on
+/// its old context.
+#[doc(alias = "aio_co_reschedule_self")]
+pub unsafe fn reschedule_self(ctx: &AioContext) {
+    let Some(me) = Coroutine::current() else {
+        panic!("coroutine::reschedule_self() called outside a coroutine");
+    };
+    let Some(old) = AioContext::current() else {
+        panic!("coroutine::reschedule_self(): no AioContext runs on this thread");
+    };
+    if old.ptr_eq(ctx) {
+        return;
+    }
+    let r = me.remote_ref();
+    drop(me);
+    let res: Arc<dyn Resumer> = ctx.resumer();
+    let new_ctx = ctx.clone();
+    let old2 = old.clone();
+    // Hand over from a BH on the old context, which runs only after this
+    // coroutine has suspended here: queueing it on the new context right
+    // away could let that thread enter it before it left this one.
+    old.bh_schedule_oneshot_local(move || {
+        let addr = r.header_addr();
+        // SAFETY: on the home thread, with the coroutine suspended (this
+        // BH runs after it suspended below); the caller guarantees no
+        // handle uses it until it arrives.
+        let detached = unsafe { depart(&r, res) };
+        let owned = if detached {
+            old2.disown(addr).map(MovedOwner::new)
+        } else {
+            None
+        };
+        let target = new_ctx.clone();
+        new_ctx.bh_schedule_oneshot(move || {
+            if let Some(owner) = owned {
+                // SAFETY: `owner` came from `disown` on the old home
+                // thread; we are on the new home thread now.
+                target.adopt(unsafe { owner.into_coroutine() });
+            }
+            // SAFETY: on the new home thread, after `depart`; the caller
+            // guarantees nothing else uses the coroutine meanwhile.
+            unsafe { arrive(r) };
+        });
+    });
+    coroutine::suspend();
 }

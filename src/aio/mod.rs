@@ -35,7 +35,7 @@
 //! [`notify`]: AioContext::notify
 
 mod bh;
-mod co;
+pub(crate) mod co;
 mod fd;
 mod fdmon;
 mod fdmon_uring;
@@ -68,8 +68,6 @@ pub use task_handle::{FallibleTask, Task};
 pub use thread_pool::ThreadPool;
 pub use timer::{ClockType, Timer};
 pub use wait::wait_kick;
-
-pub(crate) use co::thread_default_resumer;
 
 use crate::coroutine::{Coroutine, Erased};
 use fdmon::{FdMonitor, Ready};

@@ -14,7 +14,7 @@ use super::{current, overflow, pool, Coroutine};
 /// `build` only creates the coroutine, as [`Coroutine::new`] does: it runs
 /// when entered (unlike `std::thread::Builder::spawn`, which starts the
 /// thread). Run it with [`Coroutine::enter`], or queue it on a context
-/// with [`AioContext::co_schedule`](crate::aio::AioContext::co_schedule).
+/// with [`AioContext::co_schedule`](crate::AioContext::co_schedule).
 ///
 /// # Examples
 ///
@@ -119,7 +119,7 @@ where
     let in_loop_callback = !cur.is_null() && !unsafe { (*cur).own_loop.get() }.is_null();
     if !cur.is_null() && !in_loop_callback {
         inherit_resumer(cur, hr);
-    } else if let Some((r, list)) = crate::aio::thread_default_resumer() {
+    } else if let Some((r, list)) = super::resumer::default_resumer() {
         // SAFETY: the list lives in the resumer `r`, which stays alive (in
         // the header) for as long as the coroutine is linked.
         unsafe { &*list }.link(hr);

@@ -42,6 +42,7 @@ use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::remote::RemoteCount;
+use super::resumer::Resumer;
 
 use super::pool::Worker;
 use super::stack::StackBounds;
@@ -148,51 +149,6 @@ const fn dropper<X>() -> Option<unsafe fn(*mut Inline)> {
 unsafe fn drop_in<X>(slot: *mut Inline) {
     // SAFETY: forwarded from the caller.
     drop(unsafe { take::<X>(slot) });
-}
-
-/// Why a coroutine is queued on its resumer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum CoReqKind {
-    /// `co_schedule` / `RemoteCoroutine::schedule` / `yield_now`: the
-    /// `scheduled` flag is set until the driver dequeues it.
-    Schedule,
-    /// A wake (waker, remote wake): the `woken` flag is set until the
-    /// driver dequeues it.
-    Wake,
-}
-
-/// The driver that enters a coroutine queued from anywhere: an AioContext
-/// (or, with the future bridges, a `CoroutineFuture`). Fixed at creation
-/// and inherited by coroutines created inside.
-pub(crate) trait Resumer: Send + Sync {
-    /// Queue the coroutine on this driver and wake it. Any thread.
-    fn queue(&self, co: super::RemoteRef, kind: CoReqKind);
-    /// The context this resumer is, if it is one.
-    fn aio_context(&self) -> Option<crate::aio::AioContext> {
-        None
-    }
-    /// A detached coroutine (owned by this resumer) finished: release it.
-    /// Called on the home thread from the enter loop.
-    fn detached_finished(&self, _addr: usize) {}
-    /// The coroutines this resumer resumes (home thread only).
-    fn coroutines(&self) -> Option<&super::registry::CoList> {
-        None
-    }
-    /// Takes ownership of a suspended coroutine whose last handle went
-    /// (DESIGN.md, "Who owns a coroutine", item 1), or gives it back if
-    /// this resumer has ended. Home thread only.
-    fn adopt(
-        &self,
-        co: super::Coroutine<super::Erased>,
-    ) -> Result<(), super::Coroutine<super::Erased>> {
-        Err(co)
-    }
-    /// Whether a wake on the home thread may enter the coroutine at once
-    /// (or through a wake-up list) instead of queueing it here. Asked only
-    /// for headers with `ask_resumer` set.
-    fn admits_direct_entry(&self) -> bool {
-        true
-    }
 }
 
 /// A non-owning same-thread reference, as held by wake-up lists.

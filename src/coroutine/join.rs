@@ -115,7 +115,7 @@ impl<T: 'static> Coroutine<T> {
     /// # Examples
     ///
     /// ```
-    /// use coroloop::{aio::AioContext, coroutine::{self, Coroutine}};
+    /// use coroloop::{coroutine::{self, Coroutine}, AioContext};
     /// use std::time::Duration;
     ///
     /// let ctx = AioContext::new()?;
@@ -232,7 +232,7 @@ impl Wake for MemberWaker {
 /// # Examples
 ///
 /// ```
-/// use coroloop::{aio::AioContext, coroutine::{self, JoinSet}, Coroutine};
+/// use coroloop::{coroutine::{self, JoinSet}, AioContext, Coroutine};
 /// use std::time::Duration;
 ///
 /// let ctx = AioContext::new()?;

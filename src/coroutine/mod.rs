@@ -36,7 +36,7 @@
 //!
 //! 1. **Its handles** (the default). When the last [`Coroutine`] handle is
 //!    dropped while the coroutine is suspended, its *resumer* takes it over
-//!    — its home [`AioContext`](crate::aio::AioContext), or the
+//!    — its home [`AioContext`](crate::AioContext), or the
 //!    [`CoroutineFuture`](crate::future::CoroutineFuture) it was created
 //!    in — and it runs until it finishes, as a QEMU coroutine does (or a
 //!    detached `std::thread`, or a tokio task whose `JoinHandle` was
@@ -107,6 +107,7 @@ mod overflow;
 mod pool;
 mod registry;
 mod remote;
+mod resumer;
 mod stack;
 mod teardown;
 mod wake;
@@ -126,18 +127,20 @@ pub use pool::{decrease_pool_batch_size, increase_pool_batch_size, pool_batch_si
 pub use stack::{
     live_stacks, max_live_stacks, set_max_live_stacks, DEFAULT_STACK_SIZE, MIN_STACK_SIZE,
 };
-pub use wake::{reschedule_self, sleep, yield_now, RemoteCoroutine};
+pub use wake::{yield_now, RemoteCoroutine};
+// Waits that need a context live next to it (ARCHITECTURE.md, "Layering").
+pub use crate::aio::co::{reschedule_self, sleep};
 
 use header::{End, Header, State, WakeList, WeakRef};
 use pool::{Cancelled, Cmd, Event, Worker};
 
 pub(crate) use current::{pop_loop, push_loop, running_loop};
-pub(crate) use header::{CoReqKind, Resumer};
 pub(crate) use registry::CoList;
+pub(crate) use resumer::{set_default_resumer_hook, CoReqKind, Resumer};
 pub(crate) use teardown::{
     begin_thread_teardown, set_thread_teardown_hook, thread_tearing_down, TeardownOnDrop,
 };
-pub(crate) use wake::{enter_request, Request};
+pub(crate) use wake::{arrive, depart, enter_request, MovedOwner, Request, WakeOnDrop};
 
 /// The result type of a handle whose coroutine's result type is not known,
 /// such as the one [`Coroutine::current`] returns. It has no values: such a

@@ -1,15 +1,16 @@
-//! Waking, scheduling and owning coroutines through their resumer (an
-//! AioContext for now): the cross-thread half of DESIGN.md's "Resumers".
+//! Waking, scheduling and owning coroutines through their resumer: the
+//! cross-thread half of ARCHITECTURE.md's "Resumers". Only the resumer
+//! trait is known here; what needs a context (`sleep`, `reschedule_self`,
+//! `aio_context`) lives next to the context, in `aio/co.rs`.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Wake, Waker};
-use std::time::Duration;
 
-use super::header::{CoReqKind, Header, Resumer};
+use super::header::Header;
+use super::resumer::{CoReqKind, Resumer};
 use super::{current, suspend, Coroutine, Erased, RemoteRef};
-use crate::aio::{AioContext, ClockType};
 
 fn resumer_of(h: &Header) -> Option<Arc<dyn Resumer>> {
     // SAFETY: home-thread field (callers are on the home thread); cloned
@@ -29,7 +30,7 @@ fn resumer_of(h: &Header) -> Option<Arc<dyn Resumer>> {
 /// # Examples
 ///
 /// ```
-/// use coroloop::{aio::AioContext, coroutine, Coroutine};
+/// use coroloop::{coroutine, AioContext, Coroutine};
 ///
 /// let ctx = AioContext::new()?;
 /// let co = Coroutine::new(|| {
@@ -115,9 +116,9 @@ impl RemoteCoroutine {
         !self.r.is_current()
     }
 
-    /// The context that enters the coroutine, if any.
-    pub fn aio_context(&self) -> Option<AioContext> {
-        self.resumer.as_ref().and_then(|r| r.aio_context())
+    /// Its resumer, if any (the loop's `aio_context` looks at it).
+    pub(crate) fn resumer(&self) -> Option<&Arc<dyn Resumer>> {
+        self.resumer.as_ref()
     }
 }
 
@@ -253,16 +254,14 @@ impl<T> Coroutine<T> {
         Waker::from(Arc::new(CoWaker(self.remote())))
     }
 
-    /// The context that enters this coroutine when it is scheduled or woken
-    /// from elsewhere (QEMU's `qemu_coroutine_get_aio_context`).
-    #[doc(alias = "qemu_coroutine_get_aio_context")]
-    pub fn aio_context(&self) -> Option<AioContext> {
-        resumer_of(self.header()).and_then(|r| r.aio_context())
+    /// Its resumer, if any (the loop's `aio_context` looks at it).
+    pub(crate) fn resumer(&self) -> Option<Arc<dyn Resumer>> {
+        resumer_of(self.header())
     }
 
     /// Gives the coroutine to its home context: it runs until it finishes,
     /// as a QEMU coroutine does, without any handle keeping it; shutting
-    /// the context down (or [`IoThread::stop`](crate::aio::IoThread::stop))
+    /// the context down (or [`IoThread::stop`](crate::IoThread::stop))
     /// unwinds it if it is still suspended. Dropping the last handle of a
     /// suspended coroutine does the same implicitly; `detach` also hands
     /// over a coroutine that has not started yet, which then starts at the
@@ -328,51 +327,6 @@ pub fn yield_now() {
     suspend();
 }
 
-/// Suspends the current coroutine for at least `d`, on its context's
-/// realtime timers (QEMU's `qemu_co_sleep_ns`). Other wakes in between do
-/// not end the sleep early.
-///
-/// # Panics
-///
-/// Outside a coroutine, or in one without an AioContext on its thread.
-#[doc(alias = "qemu_co_sleep_ns")]
-#[track_caller]
-pub fn sleep(d: Duration) {
-    let co = match Coroutine::current() {
-        Some(co) => co,
-        None => panic!("coroutine::sleep() called outside a coroutine"),
-    };
-    let Some(ctx) = co.aio_context().map(|c| c.internal()) else {
-        panic!("coroutine::sleep(): the coroutine has no AioContext for its timer");
-    };
-    let fired = std::rc::Rc::new(std::cell::Cell::new(false));
-    let f = fired.clone();
-    let r = RemoteRef::new(co.header());
-    // If the context shuts down, the timer's callback is dropped unrun:
-    // this wakes the sleeper (through its resumer, never entering it from
-    // the shutdown), which then finds the context dead.
-    let on_drop = WakeOnDrop(co.remote());
-    drop(co);
-    let timer = ctx.timer_new(ClockType::Realtime, move || {
-        let _ = &on_drop;
-        f.set(true);
-        // SAFETY: timer callbacks run on the context's home thread, which
-        // is this coroutine's home thread.
-        if let Some(co) = unsafe { r.upgrade() } {
-            co.wake();
-        }
-    });
-    timer.mod_after(d);
-    while !fired.get() {
-        if ctx.inner.is_dead() {
-            // Nothing will ever end this sleep: a coroutine of a shut-down
-            // context is cancelled (DESIGN.md, "Who owns a coroutine").
-            super::cancel_current();
-        }
-        suspend();
-    }
-}
-
 /// Wakes a coroutine through its resumer when dropped (a wait's callback
 /// dropped unrun by its context's shutdown).
 pub(crate) struct WakeOnDrop(pub(crate) RemoteCoroutine);
@@ -383,81 +337,46 @@ impl Drop for WakeOnDrop {
     }
 }
 
-/// Moves the current coroutine to `ctx`: it suspends here and is entered
-/// next on `ctx`'s home thread (QEMU's `aio_co_reschedule_self`).
+/// Moving a suspended coroutine to another resumer (`reschedule_self`),
+/// first half, on its old home thread: it takes `to` as its resumer, leaves
+/// the old resumer's list and its `scheduled` flag is claimed for the move.
+/// Returns whether it is detached (its owner must move too).
 ///
 /// # Safety
 ///
-/// A coroutine's stack may hold values bound to its thread, and its
-/// handles and bookkeeping are not thread-safe. The caller guarantees:
+/// On the coroutine's home thread, with the coroutine suspended, and no
+/// handle of it used anywhere until [`arrive`] has run.
+pub(crate) unsafe fn depart(r: &RemoteRef, to: Arc<dyn Resumer>) -> bool {
+    let h = r.header();
+    // SAFETY: home-thread field, on the home thread, with the coroutine
+    // suspended; the caller guarantees no handle uses it.
+    unsafe { *h.resumer.get() = Some(to) };
+    h.links.unlink();
+    let _ = h.scheduled.claim();
+    h.detached.get()
+}
+
+/// Second half, on the new home thread: the coroutine joins its new
+/// resumer's list and is queued there.
 ///
-/// * nothing on the coroutine's stack is bound to the current thread (no
-///   `Rc` shared with this thread, no `RefCell` borrow of its data, no
-///   reference to its thread-locals, no lock guard of a thread-affine lock);
-/// * no [`Coroutine`] handle of it is used (cloned, dropped, entered,
-///   queried) on any thread while it runs or is suspended on `ctx`'s
-///   thread — in practice, it is [detached](Coroutine::detach) or its
-///   handles are leaked;
-/// * nothing on this thread will enter or wake it by hand afterwards.
+/// # Safety
 ///
-/// Wakers and [`RemoteCoroutine`]s made before the move still queue it on
-/// its old context.
-#[doc(alias = "aio_co_reschedule_self")]
-pub unsafe fn reschedule_self(ctx: &AioContext) {
-    let p = current::current_ptr();
-    assert!(
-        !p.is_null(),
-        "coroutine::reschedule_self() called outside a coroutine"
-    );
-    let Some(old) = AioContext::current() else {
-        panic!("coroutine::reschedule_self(): no AioContext runs on this thread");
+/// On the new home thread, after [`depart`], with no handle of the
+/// coroutine used meanwhile.
+pub(crate) unsafe fn arrive(r: RemoteRef) {
+    // SAFETY: `depart` set it; home-thread field, now on the new home
+    // thread, and nothing else uses the coroutine.
+    let Some(res) = (unsafe { (*r.header().resumer.get()).clone() }) else {
+        unreachable!("depart() sets the resumer");
     };
-    if old.ptr_eq(ctx) {
-        return;
+    if let Some(list) = res.coroutines() {
+        list.link(r.header());
     }
-    // SAFETY: the running coroutine's header is alive.
-    let r = RemoteRef::new(unsafe { &*p });
-    let res: Arc<dyn Resumer> = ctx.resumer();
-    let new_ctx = ctx.clone();
-    let old2 = old.clone();
-    // Hand over from a BH on the old context, which runs only after this
-    // coroutine has suspended here: queueing it on the new context right
-    // away could let that thread enter it before it left this one.
-    old.bh_schedule_oneshot_local(move || {
-        let h = r.header();
-        // SAFETY: home-thread field, on the home thread, with the
-        // coroutine suspended; the caller guarantees no handle uses it.
-        unsafe { *h.resumer.get() = Some(res.clone()) };
-        // It leaves the old context's list of coroutines here; it joins the
-        // new one's on the new home thread, below.
-        h.links.unlink();
-        let _ = h.scheduled.claim();
-        let owned = if h.detached.get() {
-            old2.disown(h as *const Header as usize)
-                .map(MovedOwner::new)
-        } else {
-            None
-        };
-        let target = new_ctx.clone();
-        new_ctx.bh_schedule_oneshot(move || {
-            if let Some(list) = res.coroutines() {
-                // On the new home thread; the caller guarantees nothing
-                // else uses the coroutine meanwhile.
-                list.link(r.header());
-            }
-            if let Some(owner) = owned {
-                // SAFETY: `owner` came from `disown` on the old home
-                // thread; we are on the new home thread now.
-                target.adopt(unsafe { owner.into_coroutine() });
-            }
-            res.queue(r, CoReqKind::Schedule);
-        });
-    });
-    suspend();
+    res.queue(r, CoReqKind::Schedule);
 }
 
 /// The owning handle of a detached coroutine in transit between contexts.
-struct MovedOwner(std::ptr::NonNull<Header>);
+pub(crate) struct MovedOwner(std::ptr::NonNull<Header>);
 
 // SAFETY: only moved, never used, between `new` on the old home thread and
 // `into_coroutine` on the new one; `reschedule_self`'s contract rules out
@@ -465,7 +384,7 @@ struct MovedOwner(std::ptr::NonNull<Header>);
 unsafe impl Send for MovedOwner {}
 
 impl MovedOwner {
-    fn new(co: Coroutine<Erased>) -> MovedOwner {
+    pub(crate) fn new(co: Coroutine<Erased>) -> MovedOwner {
         let co = std::mem::ManuallyDrop::new(co);
         MovedOwner(co.h)
     }
@@ -473,7 +392,7 @@ impl MovedOwner {
     /// # Safety
     ///
     /// On the coroutine's new home thread.
-    unsafe fn into_coroutine(self) -> Coroutine<Erased> {
+    pub(crate) unsafe fn into_coroutine(self) -> Coroutine<Erased> {
         // SAFETY: the strong count `new` kept moves into the handle.
         unsafe { Coroutine::from_header(self.0) }
     }

@@ -61,12 +61,12 @@ impl Resumer for FutureResumer {
         self.waker.wake();
     }
 
-    fn aio_context(&self) -> Option<AioContext> {
-        match self.polled_ctx.get() {
+    fn event_loop(&self) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let inner = match self.polled_ctx.get() {
             Some(Some(c)) => c.upgrade(),
             _ => self.created_ctx.as_ref().and_then(Weak::upgrade),
-        }
-        .map(AioContext::from_inner)
+        }?;
+        Some(inner)
     }
 
     fn coroutines(&self) -> Option<&CoList> {
