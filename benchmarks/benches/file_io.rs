@@ -62,12 +62,7 @@ const ALIGN: usize = 4096;
 // The file
 
 fn image_path() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let target = match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) => manifest.join(d), // an absolute path replaces `manifest`
-        None => manifest.join("target"),
-    };
-    target.join("file_io_bench.img")
+    coroloop_benchmarks::target_dir().join("file_io_bench.img")
 }
 
 /// Creates the 1 GiB file unless it is already there with the right size.
