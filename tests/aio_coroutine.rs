@@ -1,6 +1,6 @@
 //! Coroutines on an AioContext: the coroutine cases of QEMU's test-aio.c
 //! (queue chaining, worker-thread co-enter) re-derived, and the Resumers
-//! contract of DESIGN.md (co_enter / co_schedule / wake, detach, stray
+//! contract of ARCHITECTURE.md (co_enter / co_schedule / wake, detach, stray
 //! wakes, sleep, yield_now).
 
 use std::cell::{Cell, RefCell};

@@ -1,4 +1,4 @@
-//! Tasks and their context's shutdown (DESIGN.md, "Who owns a coroutine":
+//! Tasks and their context's shutdown (ARCHITECTURE.md, "Who owns a coroutine":
 //! "spawning onto one fails at once"; issue 22, points 3 and 4).
 //!
 //! * Spawning (`spawn`, `spawn_local`, `spawn_coroutine`) on a context that

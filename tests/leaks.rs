@@ -436,7 +436,7 @@ fn fd_handler_callbacks_are_dropped_with_the_handler() {
 // ---- coroutines ----
 
 // A suspended coroutine whose last handle is dropped is taken over by its
-// context (DESIGN.md, "Who owns a coroutine"), as a detached one is; a bare
+// context (ARCHITECTURE.md, "Who owns a coroutine"), as a detached one is; a bare
 // one (no context) is unwound at once; every coroutine the context
 // resumes is unwound when the context goes.
 #[test]
@@ -667,7 +667,7 @@ fn cancelled_pending_tasks_unwind_their_coroutines() {
     });
 }
 
-// DESIGN.md, "Who owns a coroutine": a coroutine spawned with
+// ARCHITECTURE.md, "Who owns a coroutine": a coroutine spawned with
 // `spawn_coroutine` belongs to its home context, and dropping the context
 // (or shutting it down) unwinds the ones that remain. Here the coroutine
 // has started and is suspended, so its task is in no queue: it is
@@ -744,7 +744,7 @@ fn pending_tasks_are_dropped_with_the_context() {
 }
 
 // The same with the Task handle kept past the context: the context still
-// owns the coroutine (DESIGN.md), so its drop unwinds it; the handle then
+// owns the coroutine (ARCHITECTURE.md), so its drop unwinds it; the handle then
 // reports cancellation.
 #[test]
 fn pending_spawned_coroutine_with_a_live_handle_is_unwound_with_the_context() {
@@ -819,7 +819,7 @@ fn survives_its_last_handle(name: &str, body: impl FnOnce(AioContext, Counted) +
 // handler, CoSleep::sleep_for's timer: see
 // coroutine_sleeping_in_sleep_for_is_unwound), wakers, remote handles,
 // Task handles and waits that do not hold the context do not keep it
-// alive (DESIGN.md, "Who owns a coroutine").
+// alive (ARCHITECTURE.md, "Who owns a coroutine").
 #[test]
 fn what_keeps_a_context_alive_and_shutdown_breaks_the_cycle() {
     isolated(|| {

@@ -1,4 +1,4 @@
-//! Who owns a coroutine (DESIGN.md, "Who owns a coroutine"): a dropped
+//! Who owns a coroutine (ARCHITECTURE.md, "Who owns a coroutine"): a dropped
 //! last handle hands a suspended coroutine to its resumer, which runs it to
 //! the end; a bare coroutine is unwound; `cancel()` unwinds; a context's
 //! shutdown cancels every coroutine it resumes; the library's own

@@ -1,5 +1,5 @@
 //! `AioContext::shutdown` and the last handle dropped off the home thread
-//! (DESIGN.md, "Thread model", bullet "Shutdown"): shutdown empties the
+//! (ARCHITECTURE.md, "Shutdown and thread teardown"): shutdown empties the
 //! home-thread state completely even when a destructor panics, nothing can
 //! be armed, registered or queued on a shut-down context, and the last
 //! handle dropped on another thread never drops a home-thread value.

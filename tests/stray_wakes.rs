@@ -1,4 +1,4 @@
-//! Stray wakes (issue "Reliability", part 2). DESIGN.md, "Resumption is
+//! Stray wakes (issue "Reliability", part 2). ARCHITECTURE.md, "Resumption is
 //! not a grant": a stale `Waker`, a `remote().wake()` or a duplicate wake
 //! may resume a coroutine while it waits for something else, and every
 //! library wait keeps its own grant state, so a stray wake never hands out

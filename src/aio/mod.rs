@@ -143,7 +143,7 @@ pub struct AioContext {
     /// The library's own references to a context (the timer of a sleeping
     /// coroutine, an fd wait) do not: a context that no user handle can
     /// reach any more shuts down instead of keeping its coroutines waiting
-    /// unpolled forever (DESIGN.md, "Who owns a coroutine").
+    /// unpolled forever (ARCHITECTURE.md, "Who owns a coroutine").
     counted: bool,
 }
 
@@ -1019,7 +1019,7 @@ impl AioContext {
         let mut panics = Panics::new("AioContext::shutdown");
         // Coroutines first: their unwinding may still use the context.
         // Every coroutine the context resumes is cancelled, whoever owns
-        // it (DESIGN.md, "Who owns a coroutine"): nothing could resume it
+        // it (ARCHITECTURE.md, "Who owns a coroutine"): nothing could resume it
         // once the context is gone. Those it owns are then released.
         if let Some(p) = self.inner.co.coroutines().cancel_all() {
             panics.keep(p);

@@ -647,7 +647,7 @@ fn release_owner(h: &Header) {
     match h.state.get() {
         State::Fresh => discard_fresh(h),
         State::Suspended => {
-            // DESIGN.md, "Who owns a coroutine", item 1: its resumer (home
+            // ARCHITECTURE.md, "Who owns a coroutine", item 1: its resumer (home
             // context or `CoroutineFuture`) takes it over and it runs on;
             // a bare coroutine, which nobody else could enter, is unwound.
             if hand_to_resumer(h) {

@@ -1,6 +1,6 @@
 //! The coroutines a resumer resumes: an intrusive list per resumer, so
 //! that a context's shutdown or a `CoroutineFuture`'s drop can cancel
-//! every coroutine it resumes, whoever owns it (DESIGN.md, "Who owns a
+//! every coroutine it resumes, whoever owns it (ARCHITECTURE.md, "Who owns a
 //! coroutine"): a coroutine whose resumer is gone could never be resumed
 //! again.
 //!

@@ -119,7 +119,7 @@ fn req_bit(kind: CoReqKind) -> u8 {
 /// current at creation), without blocking the executor's thread.
 ///
 /// The future is the coroutine's resumer and its exclusive owner (see
-/// DESIGN.md's "Resumers"):
+/// ARCHITECTURE.md's "Resumers"):
 ///
 /// * polling enters the coroutine — and the coroutines created inside it
 ///   that were woken or scheduled meanwhile;
@@ -318,7 +318,7 @@ impl<T: 'static> Future for CoroutineFuture<T> {
         if this.co.is_finished() {
             if !this.res.owned.0.borrow().is_empty() {
                 // Coroutines it took over (created inside, their handles
-                // dropped) run on until they finish, as DESIGN.md's
+                // dropped) run on until they finish, as ARCHITECTURE.md's
                 // "Who owns a coroutine" says: the future is done then.
                 return Poll::Pending;
             }
