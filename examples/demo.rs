@@ -188,38 +188,53 @@ fn iothread_work(n: u64) -> (u64, bool) {
 }
 
 fn main() {
+    // The library's log lines (leaks, fallbacks) go through `log`:
+    // show warnings and errors; RUST_LOG=coroloop=debug etc. overrides.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    println!("coroloop demo: five small programs; each line says what ran, what it shows, and how long it took.");
+
     let t = Instant::now();
     let (sum, writer_waits) = pipeline(20_000);
     println!(
-        "pipeline: BufRead::lines summed 20000 lines to {sum} inside a coroutine \
-         (writer waited {writer_waits} times) in {:?}",
+        "1 pipeline:  std's BufRead::lines ran inside a coroutine, reading 20000 numbers from an \
+         in-memory pipe that another coroutine filled 7 bytes at a time; the reader suspended \
+         inside its Read impl whenever the pipe was empty, the writer {writer_waits} times when it \
+         was full. Sum {sum} (expected {}), in {:.1?}.",
+        20_000u64 * 20_001 / 2,
         t.elapsed()
     );
     assert_eq!(sum, 20_000 * 20_001 / 2);
 
     let t = Instant::now();
     let woken = broadcast(10_000);
-    println!(
-        "broadcast: woke {woken} waiting coroutines in {:?} (fresh stacks)",
-        t.elapsed()
-    );
+    let fresh = t.elapsed();
     assert_eq!(woken, 10_000);
     // Let the pool keep that many idle coroutines, as QEMU does per queue.
     coroutine::increase_pool_batch_size(10_000);
     broadcast(10_000);
     let t = Instant::now();
     let woken = broadcast(10_000);
-    println!(
-        "broadcast: woke {woken} waiting coroutines in {:?} (pooled stacks)",
-        t.elapsed()
-    );
+    let pooled = t.elapsed();
+    assert_eq!(woken, 10_000);
     coroutine::decrease_pool_batch_size(10_000);
+    println!(
+        "2 broadcast: {woken} coroutines each started and waited; one coroutine then woke them \
+         all through its wake-up list (QEMU's co_queue_wakeup: no recursion, no stack growth). \
+         Create + wait + wake + finish for all of them: {fresh:.1?} the first time (every stack \
+         freshly mapped), {pooled:.1?} once the pool keeps the coroutines ({:.0} ns each).",
+        pooled.as_nanos() as f64 / f64::from(woken)
+    );
 
+    let t = Instant::now();
     let root = Coroutine::new(|| nest(1, 1000));
     root.enter();
     let depth = root.take_result().unwrap();
-    println!("nesting: reached depth {depth}");
     assert_eq!(depth, 1000);
+    println!(
+        "3 nesting:   each coroutine created and entered the next one, 1000 deep (QEMU's \
+         perf-nesting): depth {depth} reached and unwound back, in {:.1?}.",
+        t.elapsed()
+    );
 
     const N: u32 = 1_000_000;
     let t = Instant::now();
@@ -230,17 +245,22 @@ fn main() {
     let per = t.elapsed().as_nanos() as f64 / f64::from(N);
     let (local, global) = coroutine::pool_stats();
     println!(
-        "lifecycle: {N} create+enter+finish at {per:.1} ns each; \
-         pool holds {local} workers here, {global} bare stacks shared; \
-         {} stacks mapped (limit {})",
+        "4 lifecycle: {N} coroutines created, entered and finished one after another (QEMU's \
+         perf-lifecycle): {per:.1} ns each, on {local} live workers pooled on this thread \
+         ({global} bare stacks in the shared pool); {} stacks mapped in all, under the limit of {} \
+         that keeps vm.max_map_count safe.",
         coroutine::live_stacks(),
         coroutine::max_live_stacks()
     );
+
     let t = Instant::now();
     let (sum, resumed_on_io) = iothread_work(1000);
     println!(
-        "iothread: 1000 coroutines slept, ran blocking work in the pool and were \
-         woken from main: sum {sum}, all resumed on the IoThread: {resumed_on_io}, in {:?}",
+        "5 iothread:  1000 coroutines on an IoThread (its own AioContext) each slept 1 ms on a \
+         timer, squared its number on a thread-pool worker and waited until this thread woke it; \
+         all resumed on the IoThread: {resumed_on_io}; sum of squares {sum} (expected {}), \
+         in {:.1?} (including a deliberate 20 ms pause before the wakes).",
+        (0..1000u64).map(|i| i * i).sum::<u64>(),
         t.elapsed()
     );
     assert_eq!(sum, (0..1000u64).map(|i| i * i).sum::<u64>());

@@ -164,6 +164,9 @@ pub(crate) fn run(clients: usize) -> io::Result<(Report, Arc<ServerStats>)> {
 
 #[allow(dead_code)] // `main` is unused when tests include this file
 fn main() -> io::Result<()> {
+    // The library's log lines (leaks, fallbacks) go through `log`:
+    // show warnings and errors; RUST_LOG=coroloop=debug etc. overrides.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let t0 = Instant::now();
     let (r, stats) = run(64)?;
     println!(

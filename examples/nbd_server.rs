@@ -1000,6 +1000,9 @@ impl Running {
 }
 
 fn main() {
+    // The library's log lines (leaks, fallbacks) go through `log`:
+    // show warnings and errors; RUST_LOG=coroloop=debug etc. overrides.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = parse_args();
     let signals = block_stop_signals();
     match args.image {

@@ -176,6 +176,9 @@ async fn client(addr: SocketAddr, c: u64) -> io::Result<ClientReport> {
 }
 
 fn main() -> io::Result<()> {
+    // The library's log lines (leaks, fallbacks) go through `log`:
+    // show warnings and errors; RUST_LOG=coroloop=debug etc. overrides.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let home = thread::current().id();
     let stats = Rc::new(CoMutex::new(Stats::default()));
     let ex = LocalExecutor::new();

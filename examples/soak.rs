@@ -15,6 +15,9 @@
 mod soak;
 
 fn main() {
+    // The library's log lines (leaks, fallbacks) go through `log`:
+    // show warnings and errors; RUST_LOG=coroloop=debug etc. overrides.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let secs = std::env::args()
         .nth(1)
         .map(|s| s.parse().expect("usage: soak [SECONDS]"))

@@ -44,6 +44,11 @@
 //!   a bounded form of every lock wait ([`sync::CoMutex::lock_timeout`],
 //!   ...; see [`sync`]'s "Timeouts").
 //!
+//! **New here?** Start with the [`guide`]: five short programs (the shape
+//! of a program, a TCP echo server, coroutines beside smol tasks, file
+//! I/O, tokio) and when to choose a coroutine over a task. The
+//! [glossary](#glossary) explains QEMU's words.
+//!
 //! # Feature flags
 //!
 //! * `smol` (default): `AioContext::run_in_smol`, on async-io.
@@ -299,6 +304,76 @@
 //! The rule above avoids both; so does running such coroutines on an
 //! `IoThread`.
 //!
+//! # Glossary
+//!
+//! * **AioContext** — QEMU's event loop, [`AioContext`]: bottom halves, fd
+//!   handlers, timers and the coroutines it resumes, run by
+//!   [`poll`](aio::AioContext::poll) on its home thread. ("AIO" is QEMU's
+//!   asynchronous I/O; the loop is not only for files.)
+//! * **Bottom half (BH)** — a callback scheduled to run once on a
+//!   context's next pass, from any thread ([`aio::Bh`],
+//!   [`bh_schedule_oneshot`](aio::AioContext::bh_schedule_oneshot)): QEMU's
+//!   way to defer work out of the current call stack or onto another
+//!   thread's loop.
+//! * **Home thread** — the one thread that polls a context and runs its
+//!   callbacks and coroutines: the thread that created it, or the one an
+//!   IoThread started. A coroutine's home thread is where it was created;
+//!   it never runs anywhere else.
+//! * **IoThread** — a thread that runs one context's loop until stopped
+//!   ([`IoThread`]), as QEMU's `-object iothread`.
+//! * **Resumer** — what enters a coroutine that was woken or scheduled
+//!   from elsewhere: its context, or the
+//!   [`CoroutineFuture`](future::CoroutineFuture) it runs inside. Fixed
+//!   when the coroutine is created; it is also who owns a coroutine whose
+//!   last handle was dropped.
+//! * **Wake-up list** — the coroutines woken on the home thread by the
+//!   running coroutine; they are entered when it suspends or finishes
+//!   (QEMU's `co_queue_wakeup`), so a chain of wakes never deepens the
+//!   stack. See [`Coroutine::wake`].
+//! * **Enter / suspend** — [`Coroutine::enter`] switches to a coroutine
+//!   and returns when it [suspends](coroutine::suspend) or finishes
+//!   (QEMU's `qemu_coroutine_enter` / `qemu_coroutine_yield`).
+//! * **Bare coroutine** — one created where no context or future existed:
+//!   nothing but its handles can enter it.
+//!
+//! # Seeing the library's log lines
+//!
+//! coroloop never prints (the stack-overflow report, written right before
+//! the process aborts, excepted). What it has to say goes through the
+//! [`log`](https://docs.rs/log) facade, so nothing shows until the program
+//! installs a logger: an unfinished coroutine leaked at thread exit, a
+//! context dropped off its home thread with work left, an io_uring engine
+//! that fell back to threads. Levels: `error` for leaks and lost work that
+//! point at a bug in the caller, `warn` for fallbacks and refused
+//! operations. With [`env_logger`](https://docs.rs/env_logger), as every
+//! example in `examples/` does:
+//!
+//! ```
+//! // In main(); RUST_LOG=coroloop=debug (or warn, error) overrides it.
+//! env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+//! ```
+//!
+//! # Environment variables
+//!
+//! Read by the library:
+//!
+//! | variable | effect |
+//! |---|---|
+//! | `COROLOOP_FDMON` | `epoll` (default) or `io_uring`: the fd monitor of contexts that do not choose one ([`aio::FdMonitorKind`]); read once per process. An io_uring monitor that cannot be set up falls back to epoll with a log line. |
+//! | `COROLOOP_DISABLE_IO_URING` | set (to anything but `0`): io_uring is treated as unavailable, for the fd monitor and for [`aio::IoUring`] (`CoFile` then falls back to threads), to test the fallbacks. |
+//! | `COROLOOP_DISABLE_LINUX_AIO` | set (to anything but `0`): Linux AIO is treated as unavailable ([`aio::LinuxAio`]). |
+//!
+//! Read by the test suite and its scripts only:
+//!
+//! | variable | effect |
+//! |---|---|
+//! | `COROLOOP_REQUIRE_URING=1` | the io_uring tests fail instead of printing `SKIP` when io_uring is unavailable. |
+//! | `COROLOOP_SEED` | the seed of `tests/stray_wakes.rs` (each scenario prints the seed that replays it). |
+//! | `COROLOOP_SOAK_SECS`, `COROLOOP_SOAK_GRACE_SECS` | how long `tests/soak.rs` runs (default 10 s) and how long it waits for the work to drain after the stop (default 60 s). |
+//! | `COROLOOP_ASAN=1` | set by `scripts/memcheck.sh` and `scripts/fuzz.sh` for AddressSanitizer builds: tests that cannot run under it (stack overflow reports) are skipped. |
+//! | `COROLOOP_FUZZ_SEED`, `COROLOOP_FUZZ_SECS`, `COROLOOP_FUZZ_CALLS`, `COROLOOP_FUZZ_PROGRAM`, `COROLOOP_FUZZ_SHRINK`, `COROLOOP_FUZZ_SHRINK_SECS`, `COROLOOP_FUZZ_SIG`, `COROLOOP_FUZZ_LOG`, `COROLOOP_FUZZ_HANG_SECS`, `COROLOOP_FUZZ_NO_URING` | the API fuzzer (`tests/api_fuzz/`, `scripts/fuzz.sh`): the seed of a run, its length in seconds or calls, one program to replay, shrinking off (`0`) and its time budget, a failure that ends the process to shrink by its text (`HANG`, a sanitizer report), print the library's log lines, a step's time limit (default 30 s), no io_uring (for valgrind); `tests/api_fuzz/main.rs` documents each. |
+//! | `COROLOOP_FUZZ_CHILD`, `COROLOOP_FUZZ_DELETE`, `COROLOOP_OVERFLOW_CHILD`, `COROLOOP_MEMORY_CHILD`, `COROLOOP_SOUNDNESS_CHILD` | internal: a test re-executes itself as a child process with these set (which scenario to run; for the fuzzer's shrinker, the steps to leave out). |
+//!
 //! # Platform
 //!
 //! Linux on x86_64 and aarch64 (corosensei's targets, `/proc` for the
@@ -311,6 +386,7 @@
 pub mod aio;
 pub mod coroutine;
 pub mod future;
+pub mod guide;
 pub mod io;
 mod loom;
 pub mod net;

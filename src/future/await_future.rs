@@ -99,6 +99,15 @@ impl Drop for Recycle {
 /// coroutine suspends is kept, and resumptions that are not this future's
 /// wake (a `remote().wake()`, an old waker) do not poll it again.
 ///
+/// The future is polled on the coroutine's thread, outside any other
+/// runtime: futures that need a runtime's reactor need that runtime on
+/// this thread. Tokio's timers and sockets (`tokio::time::sleep`,
+/// `tokio::net`) panic on an [`IoThread`](crate::aio::IoThread) ("there is
+/// no reactor running"); use [`coroutine::sleep`](crate::coroutine::sleep)
+/// and [`net`](crate::net) there, or smol's `Timer` and `Async`, which
+/// bring their own reactor. Channels and locks (tokio's included) need
+/// none.
+///
 /// # Panics
 ///
 /// Outside a coroutine (use [`AioContext::block_on`] there), or in a

@@ -140,17 +140,50 @@ fn req_bit(kind: CoReqKind) -> u8 {
 ///   it waited on shut down, or `cancel()` on a handle of it), `poll`
 ///   panics with a message that says so: there is no value to return.
 ///
-/// It is `!Send`, like the coroutine: spawn it with
-/// `smol::LocalExecutor`, tokio's `LocalSet`, a `block_on`, or
-/// [`AioContext::spawn_local`](crate::aio::AioContext::spawn_local).
-/// A work-stealing executor, which may poll it on any of its threads,
-/// does not accept it:
+/// It is `!Send`, like the coroutine: a coroutine never changes thread.
+/// **Instead of `tokio::spawn` or `smol::spawn`**, which may poll it on any
+/// of their threads and do not accept it, use:
+///
+/// * `tokio::task::spawn_local` inside a `tokio::task::LocalSet` (or
+///   `LocalSet::block_on` / `run_until`);
+/// * `smol::LocalExecutor::spawn`, or any `block_on`;
+/// * [`AioContext::spawn_local`](crate::aio::AioContext::spawn_local) or
+///   [`AioContext::block_on`](crate::aio::AioContext::block_on);
+/// * to start coroutine code from another thread and await it from there,
+///   [`AioContext::spawn_coroutine`](crate::aio::AioContext::spawn_coroutine)
+///   on an [`IoThread`](crate::aio::IoThread)'s context: it takes a `Send`
+///   closure and returns a `Send` task (see the [guide](crate::guide),
+///   "Tokio").
+///
+/// ```compile_fail,E0277
+/// use coroloop::future::CoroutineFuture;
+///
+/// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+/// rt.block_on(async {
+///     // Refused: the future is not `Send`.
+///     tokio::spawn(CoroutineFuture::new(|| 1 + 1)).await.unwrap()
+/// });
+/// ```
 ///
 /// ```compile_fail,E0277
 /// use coroloop::future::CoroutineFuture;
 ///
 /// let task = smol::spawn(CoroutineFuture::new(|| 1 + 1));
 /// assert_eq!(smol::block_on(task), 2);
+/// ```
+///
+/// The same with a `LocalSet`:
+///
+/// ```
+/// use coroloop::future::CoroutineFuture;
+///
+/// let rt = tokio::runtime::Builder::new_current_thread().build()?;
+/// let local = tokio::task::LocalSet::new();
+/// let two = local.block_on(&rt, async {
+///     tokio::task::spawn_local(CoroutineFuture::new(|| 1 + 1)).await.unwrap()
+/// });
+/// assert_eq!(two, 2);
+/// # std::io::Result::Ok(())
 /// ```
 ///
 /// # Examples

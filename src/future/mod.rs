@@ -16,6 +16,11 @@
 //!   context shuts down first), and with the `smol` feature
 //!   [`run_in_smol`](crate::aio::AioContext::run_in_smol) (the context
 //!   driven from inside a smol executor).
+//! * Futures that need a runtime's reactor (tokio's timers and sockets)
+//!   work only where that runtime runs: inside coroutines on an
+//!   `IoThread`, use [`coroutine::sleep`](crate::coroutine::sleep),
+//!   [`net`](crate::net) or smol's `Timer`/`Async` (see the
+//!   [guide](crate::guide), "Tokio").
 //! * The coroutine locks serve async tasks too:
 //!   [`CoMutex::lock_async`](crate::sync::CoMutex::lock_async),
 //!   [`CoQueue::wait_async`](crate::sync::CoQueue::wait_async).
