@@ -185,6 +185,41 @@ fn disabled_external_handler_does_not_busy_loop() {
     assert_eq!(d.n.get(), 1);
 }
 
+// An external handler removed while external handlers are disabled leaves
+// the fd monitor: the same fd (kept open elsewhere) registers again. Found
+// while writing ARCHITECTURE.md: the removal skipped the monitor, whose
+// stale entry then refused the fd (EEXIST) and, on epoll, kept reporting
+// its hang-ups.
+#[test]
+fn external_handler_removed_while_disabled_leaves_the_monitor() {
+    let ctx = new_context();
+    let (d, h) = register(&ctx, 10, false, true);
+    ctx.disable_external();
+    assert!(!ctx.poll(false)); // applies the disable
+    drop(h);
+    ctx.enable_external();
+    drain(&ctx);
+    // The notifier is still open (`d.e`): the same fd registers again.
+    let n = Rc::new(Cell::new(0));
+    let (e2, n2) = (d.e.clone(), n.clone());
+    let h2 = ctx
+        .set_event_notifier(
+            d.e.clone(),
+            true,
+            Box::new(move || {
+                assert!(e2.test_and_clear());
+                n2.set(n2.get() + 1);
+            }),
+            None,
+        )
+        .expect("the removed handler's fd left the monitor");
+    d.e.set().unwrap();
+    assert!(ctx.poll(false));
+    assert_eq!(n.get(), 1);
+    assert_eq!(d.n.get(), 0, "the removed handler never runs");
+    drop(h2);
+}
+
 #[test]
 fn socket_read_and_write_handlers() {
     let ctx = new_context();
@@ -301,4 +336,48 @@ fn io_poll_handler_is_busy_polled() {
     assert_eq!(reads.get(), 1);
     assert!(polled.get() > 0);
     assert!(ctx.set_poll_params(-1, 0, 0).is_err());
+}
+
+// A handler that busy polling finds ready, whose fd the monitor reports too
+// (the pass asks the kernel because another handler has no io_poll hook),
+// runs once per pass, as in QEMU's ready list. Found while writing
+// ARCHITECTURE.md: its read callback ran twice.
+#[test]
+fn handler_found_by_polling_and_by_the_monitor_runs_once() {
+    let ctx = new_context();
+    ctx.set_poll_params(50_000_000, 0, 0).unwrap();
+    let e = Arc::new(EventNotifier::new().unwrap());
+    let reads = Rc::new(Cell::new(0));
+    let flag = Rc::new(Cell::new(false)); // set with the notifier
+    let (r2, e2, f2) = (reads.clone(), e.clone(), flag.clone());
+    let _h = ctx
+        .set_event_notifier(
+            e.clone(),
+            false,
+            Box::new(move || {
+                e2.test_and_clear();
+                f2.set(false);
+                r2.set(r2.get() + 1);
+            }),
+            Some(Box::new({
+                let f = flag.clone();
+                move || f.get()
+            })),
+        )
+        .unwrap();
+    // A handler without io_poll: every pass asks the kernel.
+    let other = Arc::new(EventNotifier::new().unwrap());
+    let _h2 = ctx
+        .set_event_notifier(other.clone(), false, Box::new(|| {}), None)
+        .unwrap();
+    let t = ctx.timer_new(coroloop::aio::ClockType::Realtime, || {});
+    t.mod_after(std::time::Duration::from_micros(100));
+    while t.is_pending() {
+        ctx.poll(true);
+    }
+    assert!(ctx.poll_ns() > 0, "polling time grew");
+    flag.set(true);
+    e.set().unwrap(); // seen by io_poll and by the monitor
+    assert!(ctx.poll(true));
+    assert_eq!(reads.get(), 1, "one pass, one call");
 }

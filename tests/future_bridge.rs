@@ -683,6 +683,57 @@ fn run_in_smol_drives_bhs_timers_and_coroutines() {
     assert_eq!(smol_side.get(), 5);
 }
 
+// Work queued on the home thread by a smol task while `run_in_smol` sleeps
+// on the context's fd wakes the driver: a BH, a coroutine's waker, a
+// `co_schedule`, a timer armed by a coroutine. Found while writing
+// ARCHITECTURE.md: home-thread queueing never notified, so each of these
+// waited for an unrelated event (here: for ever).
+#[test]
+fn run_in_smol_sees_work_queued_by_tasks_on_its_thread() {
+    use std::sync::atomic::AtomicBool;
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "{what}: never ran: the driver missed the wake-up"
+            );
+            smol::Timer::after(Duration::from_millis(1)).await;
+        }
+    }
+    async fn let_driver_sleep() {
+        smol::Timer::after(Duration::from_millis(20)).await;
+    }
+    let ctx = AioContext::new().unwrap();
+    let ex = smol::LocalExecutor::new();
+    ex.spawn(ctx.run_in_smol()).detach();
+    let c = ctx.clone();
+    smol::block_on(ex.run(async move {
+        let_driver_sleep().await;
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        c.bh_schedule_oneshot(move || r.store(true, Ordering::SeqCst));
+        until("a BH", || ran.load(Ordering::SeqCst)).await;
+
+        let_driver_sleep().await;
+        let co = Coroutine::new(coroutine::suspend);
+        co.enter();
+        co.waker().wake();
+        until("a woken coroutine", || co.is_finished()).await;
+
+        let_driver_sleep().await;
+        let co = Coroutine::new(coroutine::suspend);
+        co.enter();
+        c.co_schedule(&co);
+        until("a scheduled coroutine", || co.is_finished()).await;
+
+        let_driver_sleep().await;
+        let co = Coroutine::new(|| coroutine::sleep(Duration::from_millis(2)));
+        co.enter();
+        until("a sleeping coroutine's timer", || co.is_finished()).await;
+    }));
+}
+
 // A waker kept by a finished await is stale for the next await of the
 // same coroutine: firing it does not poll the new future again.
 #[test]

@@ -379,7 +379,9 @@ fn enqueue_inner(inner: &super::Inner, n: NonNull<BhHeader>, new_flags: u32) {
             inner.bh.remote.push(n);
         }
     }
-    if !home {
+    if home {
+        inner.notify_home();
+    } else {
         inner.notify();
     }
 }
@@ -725,9 +727,10 @@ mod tests_loom {
         freed
     }
 
-    /// A schedule from one thread and the handle's delete from another race
-    /// with the dispatcher: the callback runs at most once, never after the
-    /// node is freed, and the node is freed exactly once.
+    /// A schedule from another thread (joined before the pass), then the
+    /// handle's delete racing the dispatcher: the callback runs at most
+    /// once, never after the node is freed, and the node is freed exactly
+    /// once.
     #[test]
     fn loom_schedule_dispatch_delete() {
         loom::model(|| {

@@ -87,7 +87,9 @@ impl Resumer for CtxResumer {
         }
         let home = inner.is_home();
         inner.co.push((co, kind), home);
-        if !home {
+        if home {
+            inner.notify_home();
+        } else {
             inner.notify();
         }
     }
@@ -277,6 +279,7 @@ impl AioContext {
             panic!("AioContext::co_schedule: coroutine was already scheduled");
         }
         self.inner.co.push((r, CoReqKind::Schedule), true);
+        self.inner.notify_home();
     }
 
     /// Number of coroutines this context owns ([`Coroutine::detach`]).

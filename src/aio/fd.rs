@@ -28,8 +28,10 @@ pub(crate) struct Entry {
     io_poll: Option<IoPollHandler>,
     poll_begin: Option<IoHandler>,
     poll_end: Option<IoHandler>,
-    /// The registration currently in the monitor (false while external
-    /// handlers are disabled).
+    /// Whether the fd is in the monitor (with no interest while external
+    /// handlers are disabled, or with neither callback): removal deletes it
+    /// from the monitor then. Found while writing ARCHITECTURE.md: an
+    /// external handler removed while disabled stayed in the monitor.
     registered: bool,
 }
 
@@ -98,8 +100,10 @@ impl Handlers {
             } else {
                 (e.read.is_some(), e.write.is_some())
             };
+            // The fd stays in the monitor with no interest while disabled:
+            // `registered` does not change, so removing the handler then
+            // still deletes it from the monitor.
             let _ = ctx.inner.monitor.modify(fd, key_of(idx, e.gen), r, w);
-            e.registered = !off;
         }
     }
 

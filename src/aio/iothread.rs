@@ -11,7 +11,8 @@ use super::{AioContext, FdMonitorKind, IOTHREAD_POLL_MAX_NS};
 /// Adaptive polling is on by default (32 µs, as QEMU's `poll-max-ns`).
 ///
 /// Stopping (explicitly or by dropping the handle) finishes the current
-/// loop iteration, unwinds the coroutines the context owns, drops its
+/// loop iteration, unwinds every coroutine the context resumes (whoever
+/// owns it), drops its
 /// handlers, timers and pending BHs on the thread, cancels its unfinished
 /// tasks, and joins it (see [`AioContext::shutdown`]). A task spawned on
 /// the context after that is refused at once: await

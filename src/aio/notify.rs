@@ -7,12 +7,17 @@
 //!   publish work (BH push, ...)           notify_me += 2          (prepare)
 //!   notified = true                       fence(SeqCst)
 //!   fence(SeqCst)                         if notified: don't sleep
-//!   if notify_me != 0                     sleep in epoll_wait
-//!       and !kicked.swap(true):           drain the eventfd, kicked = false
-//!       write the eventfd                 notify_me -= 2          (finish)
+//!   if notify_me != 0                     sleep in the fd monitor
+//!       and !kicked.swap(true):           notify_me -= 2          (finish)
+//!       write the eventfd                 kicked = false if the monitor
+//!                                           reported the notifier (drained)
 //!                                         notified = false; fence (accept)
 //!                                         process work
 //! ```
+//!
+//! The eventfd is registered edge-triggered: the epoll monitor never reads
+//! it (an edge is reported once per write), the io_uring monitor reads its
+//! own duplicate back when it harvests the poll completion.
 //!
 //! The two fences are a Dekker pair: either the loop sees `notified` before
 //! it sleeps, or the producer sees `notify_me` and kicks the eventfd. A
@@ -98,6 +103,16 @@ impl NotifyCore {
     #[inline]
     pub(crate) fn is_notified(&self) -> bool {
         self.notified.load(Ordering::Relaxed)
+    }
+
+    /// Home thread only: whether a loop of this thread prepared to sleep
+    /// and has not finished (an outer loop that drives the context through
+    /// `prepare`, such as `run_in_smol`, runs other code meanwhile). Only
+    /// the home thread writes `notify_me`, so a plain load sees its own
+    /// writes: no fence is needed.
+    #[inline]
+    pub(crate) fn armed_here(&self) -> bool {
+        self.notify_me.load(Ordering::Relaxed) != 0
     }
 }
 

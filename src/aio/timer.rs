@@ -392,6 +392,9 @@ impl Timer {
         let t = self.ctx.inner.timers();
         t.disarm(&self.node);
         t.arm(&self.node, expire_ns.max(0));
+        // An outer loop that prepared to sleep with the old deadline
+        // (`prepare`, `run_in_smol`) computes the new one.
+        self.ctx.inner.notify_home();
     }
 
     /// Arms the timer `d` from now on its clock.
