@@ -41,14 +41,16 @@ type WaitKey = (usize, RawFd);
 /// destruction begins the thread's teardown (see `coroutine/teardown.rs`),
 /// so no coroutine is unwound or resumed after it is gone.
 struct Waits {
-    map: RefCell<HashMap<WaitKey, Rc<RefCell<FdWaits>>>>,
+    /// First: fields drop in order, so the teardown begins before the map
+    /// (and the fd handlers in it) goes.
     _teardown: crate::coroutine::TeardownOnDrop,
+    map: RefCell<HashMap<WaitKey, Rc<RefCell<FdWaits>>>>,
 }
 
 thread_local! {
     static WAITS: Waits = Waits {
-        map: RefCell::new(HashMap::new()),
         _teardown: crate::coroutine::TeardownOnDrop,
+        map: RefCell::new(HashMap::new()),
     };
 }
 

@@ -85,15 +85,17 @@ thread_local! {
     static THREAD_SERIAL: Cell<u64> = const { Cell::new(0) };
     /// The first context created on this thread that is still alive.
     static HOME_DEFAULT: HomeDefault = const {
-        HomeDefault { ctx: RefCell::new(None), _teardown: crate::coroutine::TeardownOnDrop }
+        HomeDefault { _teardown: crate::coroutine::TeardownOnDrop, ctx: RefCell::new(None) }
     };
 }
 
 /// The thread's default context; its destruction begins the thread's
 /// teardown (see `coroutine/teardown.rs`).
 pub(crate) struct HomeDefault {
-    ctx: RefCell<Option<Weak<Inner>>>,
+    /// First: fields drop in order, so the teardown begins before the
+    /// rest goes (see `coroutine/teardown.rs`).
     _teardown: crate::coroutine::TeardownOnDrop,
+    ctx: RefCell<Option<Weak<Inner>>>,
 }
 
 /// The thread's default context, if it is alive (`None` as well once the

@@ -35,15 +35,17 @@ thread_local! {
     /// clone outstanding: reused by the next one for the same coroutine,
     /// so awaiting costs no allocation and no reference counting.
     static SPARE: Spare = const {
-        Spare { signal: Cell::new(None), _teardown: crate::coroutine::TeardownOnDrop }
+        Spare { _teardown: crate::coroutine::TeardownOnDrop, signal: Cell::new(None) }
     };
 }
 
 /// The spare signal; its destruction begins the thread's teardown (see
 /// `coroutine/teardown.rs`).
 struct Spare {
-    signal: Cell<Option<Arc<Signal>>>,
+    /// First: fields drop in order, so the teardown begins before the
+    /// rest goes (see `coroutine/teardown.rs`).
     _teardown: crate::coroutine::TeardownOnDrop,
+    signal: Cell<Option<Arc<Signal>>>,
 }
 
 /// A signal for the current coroutine `me`: the spare one if it is
