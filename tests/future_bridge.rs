@@ -797,3 +797,100 @@ fn block_on_serves_a_coroutine_future_built_outside_it() {
         drop(default);
     });
 }
+
+// ---- the direct path: the main coroutine of a CoroutineFuture awaits with
+// the executor's own waker ----
+
+// Woken from another thread, by the executor's waker the future holds.
+#[test]
+fn direct_await_in_a_coroutine_future_woken_from_another_thread() {
+    let gate = Gate::default();
+    let g = gate.clone();
+    let fut = CoroutineFuture::new(move || {
+        await_future(g.wait());
+        coroutine::yield_now();
+        7
+    });
+    let g = gate.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(5));
+        g.fire();
+    });
+    assert_eq!(smol::block_on(fut), 7);
+    t.join().unwrap();
+    assert_eq!(gate.polls(), 2, "polled once pending, once ready");
+}
+
+// The main coroutine resumed by hand outside its future's poll never polls
+// the awaited future (the poll's context is gone then) and does not return;
+// a stray wake makes the next poll re-poll it (a spurious poll, as any
+// executor may make) without ending the wait: only the future's own wake
+// does.
+#[test]
+fn direct_await_ignores_resumptions_that_are_not_its_poll() {
+    let gate = Gate::default();
+    let g = gate.clone();
+    let main_handle: Rc<RefCell<Option<Coroutine<coroutine::Erased>>>> = Rc::default();
+    let mh = main_handle.clone();
+    let fut = CoroutineFuture::new(move || {
+        *mh.borrow_mut() = Coroutine::current();
+        await_future(g.wait());
+        "done"
+    });
+    let g = gate.clone();
+    let ex = smol::LocalExecutor::new();
+    let task = ex.spawn(fut);
+    smol::block_on(ex.run(async {
+        for _ in 0..5 {
+            smol::future::yield_now().await;
+        }
+        assert_eq!(g.polls(), 1);
+        let main = main_handle.borrow().clone().unwrap();
+        // By hand, outside the future's poll: no poll of the gate.
+        main.enter();
+        main.enter();
+        assert_eq!(g.polls(), 1, "a hand entry polled with a stale context");
+        assert!(!main.is_finished());
+        // A stray wake from another thread: a spurious poll at most.
+        let remote = main.remote();
+        std::thread::spawn(move || remote.wake()).join().unwrap();
+        for _ in 0..5 {
+            smol::future::yield_now().await;
+        }
+        assert!(!main.is_finished(), "a stray wake ended the wait");
+        drop(main);
+        g.fire();
+        assert_eq!(task.await, "done");
+    }));
+    main_handle.borrow_mut().take();
+}
+
+// A `yield_now` of the main coroutine goes through the poll's own waker:
+// the executor runs other tasks in between, and nothing is lost.
+#[test]
+fn direct_yield_interleaves_with_other_tasks() {
+    let log = Rc::new(RefCell::new(Vec::new()));
+    let l = log.clone();
+    let ex = smol::LocalExecutor::new();
+    let co = ex.spawn(CoroutineFuture::new(move || {
+        for i in 0..3 {
+            l.borrow_mut().push(format!("co {i}"));
+            coroutine::yield_now();
+        }
+    }));
+    let l = log.clone();
+    let task = ex.spawn(async move {
+        for i in 0..3 {
+            l.borrow_mut().push(format!("task {i}"));
+            smol::future::yield_now().await;
+        }
+    });
+    smol::block_on(ex.run(async {
+        co.await;
+        task.await;
+    }));
+    assert_eq!(
+        *log.borrow(),
+        ["co 0", "task 0", "co 1", "task 1", "co 2", "task 2"]
+    );
+}

@@ -681,6 +681,20 @@ impl AioContext {
         self.timeout_ns().map(|ns| Duration::from_nanos(ns as u64))
     }
 
+    /// Whether a non-blocking pass would do nothing: no fd handler (so no
+    /// fd to ask the kernel about), and nothing queued or armed — BHs,
+    /// coroutines, tasks, file-engine work, timers. Home thread only.
+    #[inline]
+    fn idle(&self, local: &Local) -> bool {
+        let inner = &*self.inner;
+        local.handlers.is_empty()
+            && inner.co.is_empty()
+            && inner.tasks.is_empty()
+            && !inner.timers().any_armed()
+            && !inner.bh.any_scheduled()
+            && !local.engines.has_work()
+    }
+
     fn timeout_ns(&self) -> Option<i64> {
         if self.inner.is_dead() {
             return None; // nothing runs any more: sleep until notified
@@ -723,6 +737,13 @@ impl AioContext {
     pub(crate) fn poll_impl(&self, blocking: bool, sleep_when_dead: bool) -> bool {
         let inner = &*self.inner;
         let local = inner.local();
+        if !blocking && self.idle(local) {
+            // Nothing could run and no fd could be ready: a full pass would
+            // only find that out (QEMU's non-blocking `aio_poll` also skips
+            // the kernel when it watches nothing). A notify that came alone
+            // stays pending for the next full pass, which accepts it.
+            return false;
+        }
         let _running = RunningGuard::enter(inner);
         local.handlers.sync_external(self);
         // File requests queued outside the loop go out before it waits.

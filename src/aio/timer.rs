@@ -170,6 +170,13 @@ impl Timers {
     }
 
     /// The earliest live deadline of `clock`.
+    /// Whether any timer of any clock is armed (a few loads: the idle
+    /// `poll(false)` fast path asks this first).
+    #[inline]
+    pub(crate) fn any_armed(&self) -> bool {
+        self.lists.iter().any(|l| l.armed.get() > 0)
+    }
+
     fn deadline(&self, clock: ClockType) -> Option<i64> {
         let mut heap = self.lists[index(clock)].heap.borrow_mut();
         while let Some(Reverse(top)) = heap.peek() {

@@ -612,6 +612,13 @@ pub fn in_coroutine() -> bool {
     !current::current_ptr().is_null()
 }
 
+/// The header address of the running coroutine (as
+/// [`Coroutine::header_addr`]), or 0 outside any: a cheap identity check.
+#[inline]
+pub(crate) fn current_addr() -> usize {
+    current::current_ptr() as usize
+}
+
 #[cold]
 #[inline(never)]
 #[track_caller]

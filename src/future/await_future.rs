@@ -101,6 +101,15 @@ impl Drop for Recycle {
 /// coroutine suspends is kept, and resumptions that are not this future's
 /// wake (a `remote().wake()`, an old waker) do not poll it again.
 ///
+/// In the coroutine a [`CoroutineFuture`](super::CoroutineFuture) wraps,
+/// while that future's `poll` runs it, the future is polled with the
+/// executor's own `Context` instead, exactly as an `.await` in an async
+/// block would be: its wake goes straight to the executor, and each poll
+/// of the `CoroutineFuture` that enters the coroutine polls it again
+/// (spurious polls included, which every future tolerates). Resumptions
+/// from anywhere else (entered by hand, from another coroutine outside
+/// that poll) do not poll it.
+///
 /// The future is polled on the coroutine's thread, outside any other
 /// runtime: futures that need a runtime's reactor need that runtime on
 /// this thread. Tokio's timers and sockets (`tokio::time::sleep`,
@@ -138,6 +147,12 @@ impl Drop for Recycle {
 /// ```
 #[track_caller]
 pub fn await_future<F: IntoFuture>(fut: F) -> F::Output {
+    // The main coroutine of a `CoroutineFuture`, entered by its poll, polls
+    // the future with the executor's own waker (see `Direct`).
+    let fut = match super::coroutine_future::await_direct(fut.into_future()) {
+        Ok(v) => return v,
+        Err(fut) => fut,
+    };
     let Some(me) = Coroutine::current() else {
         panic!("await_future called outside a coroutine (use AioContext::block_on there)");
     };
@@ -146,7 +161,7 @@ pub fn await_future<F: IntoFuture>(fut: F) -> F::Output {
     drop(me);
     let waker = Waker::from(signal.0.clone());
     let mut cx = Context::from_waker(&waker);
-    let mut fut = pin!(fut.into_future());
+    let mut fut = pin!(fut);
     loop {
         if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
             return v;

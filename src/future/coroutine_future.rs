@@ -1,5 +1,6 @@
 //! `CoroutineFuture`: a coroutine driven by whatever polls it.
 
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -27,6 +28,15 @@ pub(crate) struct FutureResumer {
     /// Requests of the coroutines created inside it.
     queue: ConcurrentQueue<(RemoteRef, CoReqKind)>,
     waker: AtomicWaker,
+    /// The main coroutine is waiting in `await_future` on a future it
+    /// polled with this future's own `Context` (the direct path, see
+    /// [`Direct`]): the next poll enters it. Home thread only (an atomic
+    /// only because the resumer is shared as `Send + Sync`).
+    direct_wait: AtomicBool,
+    /// Requests of the main coroutine made by itself while our poll entered
+    /// it (`SCHEDULE` | `WAKE`): as `main_req`, but written only on the home
+    /// thread inside the poll, so without read-modify-writes.
+    direct_req: AtomicU8,
     /// Set while the future is being polled (home thread only).
     polling: AtomicBool,
     /// The context current when the future was first polled (else when it
@@ -52,7 +62,24 @@ unsafe impl Sync for Owned {}
 
 impl Resumer for FutureResumer {
     fn queue(&self, co: RemoteRef, kind: CoReqKind) {
-        if co.header_addr() == self.main.load(Ordering::Relaxed) {
+        let main = self.main.load(Ordering::Relaxed);
+        if co.header_addr() == main {
+            // The main coroutine, queued while our poll is entering it (a
+            // `yield_now`, a wake of itself): on the home thread, inside
+            // the poll. Record it for the next poll without atomics and
+            // wake the task through the poll's own waker, as an async
+            // `yield_now` does (see `Direct`).
+            let lent = DIRECT.try_with(Cell::get).ok().filter(|d| d.co == main);
+            if let Some(d) = lent {
+                let r = self.direct_req.load(Ordering::Relaxed);
+                self.direct_req.store(r | req_bit(kind), Ordering::Relaxed);
+                // SAFETY: lent by the poll that is entering the main
+                // coroutine, blocked in `enter` beneath us (see `Direct`).
+                unsafe { &*(d.cx as *mut Context<'_>) }
+                    .waker()
+                    .wake_by_ref();
+                return;
+            }
             // Release: pairs with the Acquire swap in `poll`.
             self.main_req.fetch_or(req_bit(kind), Ordering::Release);
         } else {
@@ -240,6 +267,8 @@ impl<T: 'static> CoroutineFuture<T> {
             main_req: AtomicU8::new(0),
             queue: ConcurrentQueue::unbounded(),
             waker: AtomicWaker::new(),
+            direct_wait: AtomicBool::new(false),
+            direct_req: AtomicU8::new(0),
             polling: AtomicBool::new(false),
             polled_ctx: std::sync::OnceLock::new(),
             created_ctx: AioContext::current().map(|c| Arc::downgrade(&c.inner)),
@@ -288,6 +317,101 @@ impl Drop for Polling<'_> {
     }
 }
 
+/// What a `CoroutineFuture::poll` that is entering its main coroutine
+/// lends it: the poll's `Context` and the future's `direct_wait` flag.
+///
+/// An `await_future` in the main coroutine, entered by that poll, polls its
+/// future with the executor's own `Context` (as an `.await` in an async
+/// block would) instead of a waker of its own that queues the coroutine
+/// and then wakes the task: the future's wake goes straight to the
+/// executor, and the next poll of the `CoroutineFuture` enters the
+/// coroutine, which polls the future again. This is the bare stack-switch
+/// bridge; the general path (`Signal`) stays for every other coroutine.
+///
+/// Set only around the poll's `enter` of its main coroutine and restored
+/// when `enter` returns (or unwinds), so whatever it names is alive: the
+/// poll's frame, holding the `Context`, is blocked in `enter` beneath the
+/// running code on this thread, and the future (holding the flag) outlives
+/// its poll. A coroutine resumed any other way does not find itself here.
+#[derive(Clone, Copy)]
+pub(crate) struct Direct {
+    /// Header address of the main coroutine being entered, or 0.
+    co: usize,
+    /// The poll's `&mut Context<'_>`, type-erased.
+    cx: *mut (),
+    /// The future's `direct_wait` flag.
+    waiting: *const AtomicBool,
+}
+
+thread_local! {
+    static DIRECT: Cell<Direct> = const {
+        Cell::new(Direct { co: 0, cx: std::ptr::null_mut(), waiting: std::ptr::null() })
+    };
+}
+
+/// Restores the previous [`Direct`] when the main coroutine's `enter`
+/// returns or unwinds. It lives on the poll's frame, which no suspension
+/// outlives (`enter` returns before the poll does).
+struct DirectGuard(Direct);
+
+impl Drop for DirectGuard {
+    fn drop(&mut self) {
+        let _ = DIRECT.try_with(|d| d.set(self.0));
+    }
+}
+
+/// Enters the main coroutine with the poll's `Context` lent to it.
+fn enter_main<T>(co: &Coroutine<T>, res: &FutureResumer, cx: &mut Context<'_>) {
+    let lend = Direct {
+        co: co.header_addr(),
+        cx: cx as *mut Context<'_> as *mut (),
+        waiting: &res.direct_wait,
+    };
+    let Ok(prev) = DIRECT.try_with(|d| d.replace(lend)) else {
+        co.enter(); // thread teardown: no direct path
+        return;
+    };
+    let _restore = DirectGuard(prev);
+    co.enter();
+}
+
+/// `await_future`'s direct path, if the running coroutine is the main
+/// coroutine of the `CoroutineFuture` whose poll entered it: polls `fut`
+/// with that poll's `Context` until it is ready, suspending (the poll
+/// returns `Pending`) in between. `None` (and `fut` back) otherwise.
+#[inline]
+pub(crate) fn await_direct<F: Future>(fut: F) -> Result<F::Output, F> {
+    let me = coroutine::current_addr();
+    let lent = DIRECT.try_with(Cell::get).map_or(0, |d| d.co);
+    if me == 0 || lent != me {
+        return Err(fut);
+    }
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        let d = DIRECT.try_with(Cell::get).unwrap_or(Direct {
+            co: 0,
+            cx: std::ptr::null_mut(),
+            waiting: std::ptr::null(),
+        });
+        // Resumed by anything but our future's poll (a stray wake entered
+        // from elsewhere): not a grant, suspend again; the executor's
+        // waker, which the future holds, brings the poll back.
+        if d.co == me {
+            // SAFETY: `d` was lent by the poll that entered this coroutine
+            // and is blocked in `enter` beneath us (see `Direct`): its
+            // `Context` is alive and not otherwise borrowed while we run.
+            let cx = unsafe { &mut *(d.cx as *mut Context<'_>) };
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Ok(v);
+            }
+            // SAFETY: the flag lives in the future's resumer, which the
+            // future keeps alive for as long as its poll runs.
+            unsafe { &*d.waiting }.store(true, Ordering::Relaxed);
+        }
+        coroutine::suspend();
+    }
+}
+
 impl<T: 'static> Future for CoroutineFuture<T> {
     type Output = T;
 
@@ -308,24 +432,42 @@ impl<T: 'static> Future for CoroutineFuture<T> {
             if let Some(c) = AioContext::current() {
                 let _ = this.res.polled_ctx.set(Some(Arc::downgrade(&c.inner)));
             }
-            this.co.enter();
+            enter_main(&this.co, &this.res, cx);
         } else {
-            let req = if this.co.is_finished() {
-                0 // finished (its coroutines may still run, below)
+            let (req, direct) = if this.co.is_finished() {
+                (0, false) // finished (its coroutines may still run, below)
             } else {
-                this.res.main_req.swap(0, Ordering::Acquire)
+                // Only a swap when a request may be there: the load is a
+                // plain read, the swap a locked instruction.
+                let mut req = if this.res.main_req.load(Ordering::Relaxed) != 0 {
+                    this.res.main_req.swap(0, Ordering::Acquire)
+                } else {
+                    0
+                };
+                let own = this.res.direct_req.load(Ordering::Relaxed);
+                if own != 0 {
+                    this.res.direct_req.store(0, Ordering::Relaxed);
+                    req |= own;
+                }
+                let direct = this.res.direct_wait.load(Ordering::Relaxed);
+                (req, direct)
             };
-            if req != 0 {
+            if req != 0 || direct {
                 if this.co.is_entered() {
                     // Polled from inside itself (a nested executor): later.
-                    this.res.main_req.fetch_or(req, Ordering::Relaxed);
+                    if req != 0 {
+                        this.res.main_req.fetch_or(req, Ordering::Relaxed);
+                    }
                     this.res.waker.wake();
                 } else {
+                    this.res.direct_wait.store(false, Ordering::Relaxed);
                     // Clear the flags the requests claimed (RMW, see
                     // `WakeFlag`), then enter once for both.
-                    this.co
-                        .release_request_flags(req & SCHEDULE != 0, req & WAKE != 0);
-                    this.co.enter();
+                    if req != 0 {
+                        this.co
+                            .release_request_flags(req & SCHEDULE != 0, req & WAKE != 0);
+                    }
+                    enter_main(&this.co, &this.res, cx);
                 }
             }
             // The requests queued before this pass; later ones woke the
