@@ -4,6 +4,8 @@
 //! * `bh`: schedule + dispatch of 1000 bottom halves from the home thread,
 //!   vs `smol::LocalExecutor` spawn + run of 1000 empty tasks.
 //! * `bh_remote`: 1000 BHs scheduled from another thread onto an IoThread.
+//!   Peer: the bare protocol (`bare_bh`: `fetch_or`, CAS push, notify;
+//!   `swap`, `fetch_and`) with a busy-polling consumer thread.
 //! * `idle_poll`: `poll(false)` with nothing to do.
 //! * `pingpong`: a round trip between two threads: coroutines on two
 //!   IoThreads waking each other (polling off, and QEMU's 32 µs polling),
@@ -90,6 +92,120 @@ fn bh_remote(c: &mut Criterion) {
         });
         drop(bhs);
         io.stop();
+    });
+    g.finish();
+}
+
+/// The bare cross-thread BH protocol, as the peer of `bh_remote`: what a
+/// schedule from another thread and its dispatch cannot do without. The
+/// producer marks the node (`fetch_or` of PENDING | SCHEDULED), pushes it
+/// on a lock-free stack with a CAS if it was not pending, and notifies
+/// (a store, a full fence, a load of `notify_me`: the consumer is busy
+/// polling, so no eventfd write); the consumer takes the whole stack with
+/// a `swap` and clears each node with a `fetch_and` before running it.
+mod bare_bh {
+    use std::ptr;
+    use std::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+
+    const PENDING: u32 = 1;
+    const SCHEDULED: u32 = 2;
+
+    pub(crate) struct Node {
+        flags: AtomicU32,
+        next: AtomicPtr<Node>,
+    }
+
+    impl Node {
+        pub(crate) fn new() -> Node {
+            Node {
+                flags: AtomicU32::new(0),
+                next: AtomicPtr::new(ptr::null_mut()),
+            }
+        }
+    }
+
+    #[derive(Default)]
+    pub(crate) struct Loop {
+        head: AtomicPtr<Node>,
+        notify_me: AtomicU32,
+        notified: AtomicBool,
+        pub(crate) stop: AtomicBool,
+        pub(crate) count: AtomicU64,
+    }
+
+    impl Loop {
+        pub(crate) fn schedule(&self, n: &Node) {
+            let old = n.flags.fetch_or(PENDING | SCHEDULED, Ordering::AcqRel);
+            if old & PENDING == 0 {
+                let node = n as *const Node as *mut Node;
+                let mut head = self.head.load(Ordering::Relaxed);
+                loop {
+                    n.next.store(head, Ordering::Relaxed);
+                    match self.head.compare_exchange_weak(
+                        head,
+                        node,
+                        Ordering::Release,
+                        Ordering::Relaxed,
+                    ) {
+                        Ok(_) => break,
+                        Err(h) => head = h,
+                    }
+                }
+            }
+            self.notified.store(true, Ordering::Release);
+            fence(Ordering::SeqCst);
+            if self.notify_me.load(Ordering::Relaxed) != 0 {
+                unreachable!("the consumer never sleeps in this bench");
+            }
+        }
+
+        /// The consumer: busy polls until `stop`.
+        pub(crate) fn run(&self) {
+            while !self.stop.load(Ordering::Relaxed) {
+                if self.head.load(Ordering::Relaxed).is_null() {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                self.notified.store(false, Ordering::Relaxed);
+                fence(Ordering::SeqCst);
+                let mut p = self.head.swap(ptr::null_mut(), Ordering::Acquire);
+                while !p.is_null() {
+                    // SAFETY: nodes outlive the loop (the bench keeps them).
+                    let n = unsafe { &*p };
+                    p = n.next.load(Ordering::Relaxed);
+                    let old = n.flags.fetch_and(!(PENDING | SCHEDULED), Ordering::AcqRel);
+                    if old & SCHEDULED != 0 {
+                        self.count.fetch_add(1, Ordering::Release);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn bh_remote_bare(c: &mut Criterion) {
+    let mut g = c.benchmark_group("bh_remote");
+    g.throughput(Throughput::Elements(BATCH));
+    g.bench_function("bare_protocol", |b| {
+        let l = Arc::new(bare_bh::Loop::default());
+        let nodes: Arc<Vec<bare_bh::Node>> =
+            Arc::new((0..BATCH).map(|_| bare_bh::Node::new()).collect());
+        let consumer = {
+            let (l, _nodes) = (l.clone(), nodes.clone());
+            std::thread::spawn(move || l.run())
+        };
+        let mut expected = 0;
+        b.iter(|| {
+            for n in nodes.iter() {
+                l.schedule(n);
+            }
+            expected += BATCH;
+            while l.count.load(Ordering::Acquire) < expected {
+                std::hint::spin_loop();
+            }
+        });
+        l.stop.store(true, Ordering::Relaxed);
+        consumer.join().unwrap();
     });
     g.finish();
 }
@@ -279,5 +395,5 @@ fn pingpong(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bh, bh_remote, idle_poll, pingpong);
+criterion_group!(benches, bh, bh_remote, bh_remote_bare, idle_poll, pingpong);
 criterion_main!(benches);

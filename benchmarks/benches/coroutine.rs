@@ -66,6 +66,39 @@ fn lifecycle(c: &mut Criterion) {
             stack = Some(co.into_stack());
         })
     });
+    // The floor of a pooled design: a worker coroutine that runs one job per
+    // resume, kept in a pool. Create + enter + finish is a pool pop, two
+    // switches (in with the job, out when it is done) and a push; the job
+    // is passed by pointer, so nothing is allocated.
+    g.bench_function("corosensei_pooled_worker", |b| {
+        type Job<'a> = &'a mut dyn FnMut();
+        type Worker = RawCoroutine<usize, (), (), DefaultStack>;
+        let new_worker = || -> Worker {
+            let stack = DefaultStack::new(coroutine::DEFAULT_STACK_SIZE).unwrap();
+            RawCoroutine::with_stack(stack, |y, mut job: usize| loop {
+                // SAFETY: `job` points at the `Job` the resumer passed;
+                // it lives until this resume returns.
+                let f = unsafe { &mut *(job as *mut Job<'_>) };
+                f();
+                job = y.suspend(());
+            })
+        };
+        let mut pool: Vec<Worker> = vec![new_worker()];
+        b.iter(|| {
+            let mut w = pool.pop().unwrap_or_else(new_worker);
+            let mut body = || {
+                black_box(1u32);
+            };
+            let mut job: Job<'_> = &mut body;
+            let _ = w.resume(&mut job as *mut Job<'_> as usize);
+            pool.push(w);
+        });
+        // Workers are suspended inside their loop: unwinding them on drop
+        // is what corosensei does; forget them instead (no unwind needed).
+        for w in pool {
+            std::mem::forget(w);
+        }
+    });
     g.bench_function("corosensei_fresh_stack", |b| {
         b.iter(|| {
             let stack = DefaultStack::new(coroutine::DEFAULT_STACK_SIZE).unwrap();
