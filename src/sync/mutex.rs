@@ -116,6 +116,15 @@ impl RawCoMutex {
             let mut q = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
             match q.pop() {
                 Some(w) => {
+                    // The grantee owns it from now on, though its thread may
+                    // be asleep until the wake below reaches it: a locker of
+                    // this thread must spin for it (as for any owner on
+                    // another thread), not take the unlocker's serial still
+                    // recorded here for a same-thread owner and queue behind
+                    // it. That turned every later acquisition into a
+                    // sleep-and-wake hand-off across threads (a convoy; QEMU
+                    // clears `mutex->ctx` at unlock for the same reason).
+                    self.owner.store(w.home_hint(), Ordering::Relaxed);
                     if q.is_empty() {
                         self.state.store(LOCKED, Ordering::Release);
                     }

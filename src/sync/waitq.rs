@@ -62,6 +62,16 @@ impl Waiter {
         self.clone()
     }
 
+    /// The thread serial of the coroutine waiting, or 0 if unknown (an
+    /// async task, a model): a hint for spinning lockers.
+    #[inline]
+    pub(crate) fn home_hint(&self) -> u64 {
+        match &self.wake {
+            WakeTarget::Coroutine { home, .. } => *home,
+            _ => 0,
+        }
+    }
+
     /// Runs the wake-up action (outside the queue's mutex).
     pub(crate) fn wake(&self) {
         match &self.wake {
