@@ -313,7 +313,14 @@ fn schedule_send(ctx: &Weak<Inner>, r: Runnable) {
 fn schedule_local(ctx: &Weak<Inner>, home: u64, r: Runnable) {
     if let Some(inner) = ctx.upgrade() {
         let _ = inner.tasks.local.push(r);
-        inner.notify();
+        if thread_serial() == home {
+            // The loop runs on this thread: it sees the queue when this
+            // returns, unless an outer loop prepared to sleep (no fence
+            // needed for our own thread's loop).
+            inner.notify_home();
+        } else {
+            inner.notify();
+        }
         return;
     }
     if thread_serial() == home {
