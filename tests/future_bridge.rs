@@ -894,3 +894,68 @@ fn direct_yield_interleaves_with_other_tasks() {
         ["co 0", "task 0", "co 1", "task 1", "co 2", "task 2"]
     );
 }
+
+// A future whose own `poll` suspends the coroutine (a coroutine wait inside
+// `poll`), awaited by a `CoroutineFuture`'s coroutine: when the coroutine is
+// resumed by a later poll, the future goes on using the `cx` it was given,
+// which must still be valid. In a first version of the direct path it was
+// the executor's own `Context`, gone with the earlier poll (caught in
+// review). The executor here polls from alternating stack depths with a
+// fresh waker each time and scribbles over the stack in between, so a
+// stale `Context` is garbage when it is used.
+#[test]
+fn direct_await_of_a_future_that_suspends_inside_poll() {
+    struct SuspendsInPoll(u32);
+    impl Future for SuspendsInPoll {
+        type Output = u32;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<u32> {
+            let before = cx.waker().clone();
+            coroutine::yield_now(); // the executor's poll returns meanwhile
+            assert!(
+                cx.waker().will_wake(&before),
+                "the Context changed under the future"
+            );
+            cx.waker().wake_by_ref();
+            self.0 += 1;
+            if self.0 < 3 {
+                Poll::Pending
+            } else {
+                Poll::Ready(self.0)
+            }
+        }
+    }
+    struct Count(AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    #[inline(never)]
+    fn poll_at_depth<F: Future + Unpin>(fut: &mut F, depth: u32) -> Poll<F::Output> {
+        let pad = std::hint::black_box([depth as u8; 256]);
+        if depth > 0 {
+            let r = poll_at_depth(fut, depth - 1);
+            std::hint::black_box(&pad);
+            return r;
+        }
+        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let mut cx = Context::from_waker(&waker);
+        Pin::new(fut).poll(&mut cx)
+    }
+    #[inline(never)]
+    fn scribble() {
+        let mut junk = [0x41u8; 64 * 1024];
+        std::hint::black_box(&mut junk);
+    }
+    let mut fut = CoroutineFuture::new(|| await_future(SuspendsInPoll(0)));
+    let mut i = 0;
+    let out = loop {
+        if let Poll::Ready(v) = poll_at_depth(&mut fut, if i % 2 == 0 { 40 } else { 0 }) {
+            break v;
+        }
+        scribble();
+        i += 1;
+        assert!(i < 100, "never completed");
+    };
+    assert_eq!(out, 3);
+}

@@ -103,8 +103,8 @@ impl Drop for Recycle {
 ///
 /// In the coroutine a [`CoroutineFuture`](super::CoroutineFuture) wraps,
 /// while that future's `poll` runs it, the future is polled with the
-/// executor's own `Context` instead, exactly as an `.await` in an async
-/// block would be: its wake goes straight to the executor, and each poll
+/// executor's own waker instead, exactly as an `.await` in an async block
+/// would be: its wake goes straight to the executor, and each poll
 /// of the `CoroutineFuture` that enters the coroutine polls it again
 /// (spurious polls included, which every future tolerates). Resumptions
 /// from anywhere else (entered by hand, from another coroutine outside

@@ -74,8 +74,10 @@ impl Resumer for FutureResumer {
                 let r = self.direct_req.load(Ordering::Relaxed);
                 self.direct_req.store(r | req_bit(kind), Ordering::Relaxed);
                 // SAFETY: lent by the poll that is entering the main
-                // coroutine, blocked in `enter` beneath us (see `Direct`).
-                unsafe { &*(d.cx as *mut Context<'_>) }
+                // coroutine, blocked in `enter` beneath us (see `Direct`);
+                // only read (no `&mut` to it exists: awaited futures get a
+                // `Context` of their own, see `await_direct`).
+                unsafe { &*(d.cx as *const Context<'_>) }
                     .waker()
                     .wake_by_ref();
                 return;
@@ -321,9 +323,10 @@ impl Drop for Polling<'_> {
 /// lends it: the poll's `Context` and the future's `direct_wait` flag.
 ///
 /// An `await_future` in the main coroutine, entered by that poll, polls its
-/// future with the executor's own `Context` (as an `.await` in an async
-/// block would) instead of a waker of its own that queues the coroutine
-/// and then wakes the task: the future's wake goes straight to the
+/// future with the executor's own waker (cloned into a `Context` on the
+/// coroutine's stack, as an `.await` in an async block would get it)
+/// instead of a waker of its own that queues the coroutine and then wakes
+/// the task: the future's wake goes straight to the
 /// executor, and the next poll of the `CoroutineFuture` enters the
 /// coroutine, which polls the future again. This is the bare stack-switch
 /// bridge; the general path (`Signal`) stays for every other coroutine.
@@ -377,7 +380,7 @@ fn enter_main<T>(co: &Coroutine<T>, res: &FutureResumer, cx: &mut Context<'_>) {
 
 /// `await_future`'s direct path, if the running coroutine is the main
 /// coroutine of the `CoroutineFuture` whose poll entered it: polls `fut`
-/// with that poll's `Context` until it is ready, suspending (the poll
+/// with that poll's waker until it is ready, suspending (the poll
 /// returns `Pending`) in between. `None` (and `fut` back) otherwise.
 #[inline]
 pub(crate) fn await_direct<F: Future>(fut: F) -> Result<F::Output, F> {
@@ -387,6 +390,12 @@ pub(crate) fn await_direct<F: Future>(fut: F) -> Result<F::Output, F> {
         return Err(fut);
     }
     let mut fut = std::pin::pin!(fut);
+    // The executor's waker, cloned into this frame, and a `Context` built
+    // on it here, on the coroutine's own stack: the future never sees the
+    // poll's `Context` itself. A future whose `poll` suspends the coroutine
+    // (a coroutine wait inside `poll`) is resumed by a later poll, when the
+    // lending poll's frame is gone; its `cx` must still be valid then.
+    let mut waker: Option<std::task::Waker> = None;
     loop {
         let d = DIRECT.try_with(Cell::get).unwrap_or(Direct {
             co: 0,
@@ -399,9 +408,17 @@ pub(crate) fn await_direct<F: Future>(fut: F) -> Result<F::Output, F> {
         if d.co == me {
             // SAFETY: `d` was lent by the poll that entered this coroutine
             // and is blocked in `enter` beneath us (see `Direct`): its
-            // `Context` is alive and not otherwise borrowed while we run.
-            let cx = unsafe { &mut *(d.cx as *mut Context<'_>) };
-            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            // `Context` is alive. It is only read here, briefly, to clone
+            // its waker; nothing keeps a reference to it.
+            let lent = unsafe { &*(d.cx as *const Context<'_>) }.waker();
+            if !waker.as_ref().is_some_and(|w| w.will_wake(lent)) {
+                waker = Some(lent.clone());
+            }
+            let Some(w) = waker.as_ref() else {
+                unreachable!("set just above")
+            };
+            let mut cx = Context::from_waker(w);
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
                 return Ok(v);
             }
             // SAFETY: the flag lives in the future's resumer, which the
