@@ -26,7 +26,12 @@ pub(crate) struct FutureResumer {
     /// Pending requests of the main coroutine: `SCHEDULE` | `WAKE`.
     main_req: AtomicU8,
     /// Requests of the coroutines created inside it.
-    queue: ConcurrentQueue<(RemoteRef, CoReqKind)>,
+    /// Allocated at the first such request: an unbounded `ConcurrentQueue`
+    /// is cache-line aligned (128 bytes), and an allocation that aligned
+    /// costs `posix_memalign` (about 500 instructions) in every
+    /// `CoroutineFuture::new` — most futures (every `spawn_coroutine` whose
+    /// body creates no coroutine) never queue anything here.
+    queue: std::sync::OnceLock<Box<ConcurrentQueue<(RemoteRef, CoReqKind)>>>,
     waker: AtomicWaker,
     /// The main coroutine is waiting in `await_future` on a future it
     /// polled with this future's own `Context` (the direct path, see
@@ -60,6 +65,14 @@ unsafe impl Send for Owned {}
 // SAFETY: as above.
 unsafe impl Sync for Owned {}
 
+impl FutureResumer {
+    /// The queue of the coroutines created inside, allocated on first use.
+    fn queue(&self) -> &ConcurrentQueue<(RemoteRef, CoReqKind)> {
+        self.queue
+            .get_or_init(|| Box::new(ConcurrentQueue::unbounded()))
+    }
+}
+
 impl Resumer for FutureResumer {
     fn queue(&self, co: RemoteRef, kind: CoReqKind) {
         let main = self.main.load(Ordering::Relaxed);
@@ -85,7 +98,7 @@ impl Resumer for FutureResumer {
             // Release: pairs with the Acquire swap in `poll`.
             self.main_req.fetch_or(req_bit(kind), Ordering::Release);
         } else {
-            let _ = self.queue.push((co, kind));
+            let _ = self.queue().push((co, kind));
         }
         self.waker.wake();
     }
@@ -267,7 +280,7 @@ impl<T: 'static> CoroutineFuture<T> {
         let res = Arc::new(FutureResumer {
             main: AtomicUsize::new(0),
             main_req: AtomicU8::new(0),
-            queue: ConcurrentQueue::unbounded(),
+            queue: std::sync::OnceLock::new(),
             waker: AtomicWaker::new(),
             direct_wait: AtomicBool::new(false),
             direct_req: AtomicU8::new(0),
@@ -490,20 +503,18 @@ impl<T: 'static> Future for CoroutineFuture<T> {
             // The requests queued before this pass; later ones woke the
             // task again, so they get their own pass (no starvation of
             // the executor by a coroutine that keeps yielding).
-            let n = if this.res.queue.is_empty() {
-                0
-            } else {
-                this.res.queue.len()
-            };
-            for _ in 0..n {
-                let Ok((r, kind)) = this.res.queue.pop() else {
-                    break;
-                };
-                // SAFETY: the future is !Send, so this is the thread that
-                // created it and every coroutine inheriting its resumer.
-                if let Request::Busy(r, kind) = unsafe { enter_request(r, kind) } {
-                    let _ = this.res.queue.push((r, kind));
-                    this.res.waker.wake();
+            if let Some(queue) = this.res.queue.get() {
+                let n = if queue.is_empty() { 0 } else { queue.len() };
+                for _ in 0..n {
+                    let Ok((r, kind)) = queue.pop() else {
+                        break;
+                    };
+                    // SAFETY: the future is !Send, so this is the thread that
+                    // created it and every coroutine inheriting its resumer.
+                    if let Request::Busy(r, kind) = unsafe { enter_request(r, kind) } {
+                        let _ = queue.push((r, kind));
+                        this.res.waker.wake();
+                    }
                 }
             }
         }
