@@ -293,6 +293,17 @@ fn regular_files_cannot_be_watched() {
     );
 }
 
+/// Grows the context's busy-polling time with a short blocking wait (its
+/// poll parameters must allow a maximum above 100 µs).
+fn grow_poll_time(ctx: &AioContext) {
+    let t = ctx.timer_new(coroloop::aio::ClockType::Realtime, || {});
+    t.mod_after(std::time::Duration::from_micros(100));
+    while t.is_pending() {
+        ctx.poll(true);
+    }
+    assert!(ctx.poll_ns() > 0, "polling time grew");
+}
+
 #[test]
 fn io_poll_handler_is_busy_polled() {
     let ctx = new_context();
@@ -323,13 +334,7 @@ fn io_poll_handler_is_busy_polled() {
             })),
         )
         .unwrap();
-    // Grow poll_ns with a short blocking wait.
-    let t = ctx.timer_new(coroloop::aio::ClockType::Realtime, || {});
-    t.mod_after(std::time::Duration::from_micros(100));
-    while t.is_pending() {
-        ctx.poll(true);
-    }
-    assert!(ctx.poll_ns() > 0, "polling time grew");
+    grow_poll_time(&ctx);
     // Work visible only through io_poll: found without the fd being set.
     flag.set(true);
     assert!(ctx.poll(true));
@@ -370,12 +375,7 @@ fn handler_found_by_polling_and_by_the_monitor_runs_once() {
     let _h2 = ctx
         .set_event_notifier(other.clone(), false, Box::new(|| {}), None)
         .unwrap();
-    let t = ctx.timer_new(coroloop::aio::ClockType::Realtime, || {});
-    t.mod_after(std::time::Duration::from_micros(100));
-    while t.is_pending() {
-        ctx.poll(true);
-    }
-    assert!(ctx.poll_ns() > 0, "polling time grew");
+    grow_poll_time(&ctx);
     flag.set(true);
     e.set().unwrap(); // seen by io_poll and by the monitor
     assert!(ctx.poll(true));

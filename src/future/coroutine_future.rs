@@ -33,14 +33,12 @@ pub(crate) struct FutureResumer {
     /// body creates no coroutine) never queue anything here.
     queue: std::sync::OnceLock<Box<ConcurrentQueue<(RemoteRef, CoReqKind)>>>,
     waker: AtomicWaker,
-    /// The main coroutine is waiting in `await_future` on a future it
-    /// polled with this future's own `Context` (the direct path, see
-    /// [`Direct`]): the next poll enters it. Home thread only (an atomic
-    /// only because the resumer is shared as `Send + Sync`).
-    direct_wait: AtomicBool,
-    /// Requests of the main coroutine made by itself while our poll entered
-    /// it (`SCHEDULE` | `WAKE`): as `main_req`, but written only on the home
-    /// thread inside the poll, so without read-modify-writes.
+    /// Requests of the main coroutine made while our poll entered it (the
+    /// direct path, see [`Direct`]): `SCHEDULE` | `WAKE` as in `main_req`,
+    /// and `AWAIT` (it waits in `await_future` on a future polled with the
+    /// executor's waker). The next poll enters it. Written only on the home
+    /// thread inside the poll, so without read-modify-writes (an atomic only
+    /// because the resumer is shared as `Send + Sync`).
     direct_req: AtomicU8,
     /// Set while the future is being polled (home thread only).
     polling: AtomicBool,
@@ -147,6 +145,8 @@ impl Resumer for FutureResumer {
 
 const SCHEDULE: u8 = 1;
 const WAKE: u8 = 2;
+/// `direct_req` only: the main coroutine awaits through the direct path.
+const AWAIT: u8 = 4;
 
 fn req_bit(kind: CoReqKind) -> u8 {
     match kind {
@@ -282,7 +282,6 @@ impl<T: 'static> CoroutineFuture<T> {
             main_req: AtomicU8::new(0),
             queue: std::sync::OnceLock::new(),
             waker: AtomicWaker::new(),
-            direct_wait: AtomicBool::new(false),
             direct_req: AtomicU8::new(0),
             polling: AtomicBool::new(false),
             polled_ctx: std::sync::OnceLock::new(),
@@ -333,7 +332,7 @@ impl Drop for Polling<'_> {
 }
 
 /// What a `CoroutineFuture::poll` that is entering its main coroutine
-/// lends it: the poll's `Context` and the future's `direct_wait` flag.
+/// lends it: the poll's `Context` and the future's `direct_req` flags.
 ///
 /// An `await_future` in the main coroutine, entered by that poll, polls its
 /// future with the executor's own waker (cloned into a `Context` on the
@@ -355,13 +354,22 @@ pub(crate) struct Direct {
     co: usize,
     /// The poll's `&mut Context<'_>`, type-erased.
     cx: *mut (),
-    /// The future's `direct_wait` flag.
-    waiting: *const AtomicBool,
+    /// The future's `direct_req` flags.
+    reqs: *const AtomicU8,
+}
+
+impl Direct {
+    /// Nothing lent.
+    const NONE: Direct = Direct {
+        co: 0,
+        cx: std::ptr::null_mut(),
+        reqs: std::ptr::null(),
+    };
 }
 
 thread_local! {
     static DIRECT: Cell<Direct> = const {
-        Cell::new(Direct { co: 0, cx: std::ptr::null_mut(), waiting: std::ptr::null() })
+        Cell::new(Direct::NONE)
     };
 }
 
@@ -381,7 +389,7 @@ fn enter_main<T>(co: &Coroutine<T>, res: &FutureResumer, cx: &mut Context<'_>) {
     let lend = Direct {
         co: co.header_addr(),
         cx: cx as *mut Context<'_> as *mut (),
-        waiting: &res.direct_wait,
+        reqs: &res.direct_req,
     };
     let Ok(prev) = DIRECT.try_with(|d| d.replace(lend)) else {
         co.enter(); // thread teardown: no direct path
@@ -398,8 +406,9 @@ fn enter_main<T>(co: &Coroutine<T>, res: &FutureResumer, cx: &mut Context<'_>) {
 #[inline]
 pub(crate) fn await_direct<F: Future>(fut: F) -> Result<F::Output, F> {
     let me = coroutine::current_addr();
-    let lent = DIRECT.try_with(Cell::get).map_or(0, |d| d.co);
-    if me == 0 || lent != me {
+    let lent = || DIRECT.try_with(Cell::get).unwrap_or(Direct::NONE);
+    let mut d = lent();
+    if me == 0 || d.co != me {
         return Err(fut);
     }
     let mut fut = std::pin::pin!(fut);
@@ -410,11 +419,6 @@ pub(crate) fn await_direct<F: Future>(fut: F) -> Result<F::Output, F> {
     // lending poll's frame is gone; its `cx` must still be valid then.
     let mut waker: Option<std::task::Waker> = None;
     loop {
-        let d = DIRECT.try_with(Cell::get).unwrap_or(Direct {
-            co: 0,
-            cx: std::ptr::null_mut(),
-            waiting: std::ptr::null(),
-        });
         // Resumed by anything but our future's poll (a stray wake entered
         // from elsewhere): not a grant, suspend again; the executor's
         // waker, which the future holds, brings the poll back.
@@ -434,11 +438,13 @@ pub(crate) fn await_direct<F: Future>(fut: F) -> Result<F::Output, F> {
             if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
                 return Ok(v);
             }
-            // SAFETY: the flag lives in the future's resumer, which the
+            // SAFETY: the flags live in the future's resumer, which the
             // future keeps alive for as long as its poll runs.
-            unsafe { &*d.waiting }.store(true, Ordering::Relaxed);
+            let reqs = unsafe { &*d.reqs };
+            reqs.store(reqs.load(Ordering::Relaxed) | AWAIT, Ordering::Relaxed);
         }
         coroutine::suspend();
+        d = lent();
     }
 }
 
@@ -464,8 +470,8 @@ impl<T: 'static> Future for CoroutineFuture<T> {
             }
             enter_main(&this.co, &this.res, cx);
         } else {
-            let (req, direct) = if this.co.is_finished() {
-                (0, false) // finished (its coroutines may still run, below)
+            let req = if this.co.is_finished() {
+                0 // finished (its coroutines may still run, below)
             } else {
                 // Only a swap when a request may be there: the load is a
                 // plain read, the swap a locked instruction.
@@ -479,21 +485,17 @@ impl<T: 'static> Future for CoroutineFuture<T> {
                     this.res.direct_req.store(0, Ordering::Relaxed);
                     req |= own;
                 }
-                let direct = this.res.direct_wait.load(Ordering::Relaxed);
-                (req, direct)
+                req
             };
-            if req != 0 || direct {
+            if req != 0 {
                 if this.co.is_entered() {
                     // Polled from inside itself (a nested executor): later.
-                    if req != 0 {
-                        this.res.main_req.fetch_or(req, Ordering::Relaxed);
-                    }
+                    this.res.main_req.fetch_or(req, Ordering::Relaxed);
                     this.res.waker.wake();
                 } else {
-                    this.res.direct_wait.store(false, Ordering::Relaxed);
                     // Clear the flags the requests claimed (RMW, see
-                    // `WakeFlag`), then enter once for both.
-                    if req != 0 {
+                    // `WakeFlag`; `AWAIT` claims none), then enter once.
+                    if req & (SCHEDULE | WAKE) != 0 {
                         this.co
                             .release_request_flags(req & SCHEDULE != 0, req & WAKE != 0);
                     }
