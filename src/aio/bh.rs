@@ -243,7 +243,7 @@ impl RemoteStack {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.head.load(Ordering::Relaxed).is_null()
+        self.head.load(Ordering::Acquire).is_null()
     }
 }
 
@@ -311,6 +311,15 @@ impl BhQueues {
             return true;
         }
         self.slices.borrow().iter().any(|c| scheduled(*c))
+    }
+
+    /// Whether the home-thread list is empty (home thread only).
+    #[inline]
+    fn local_is_empty(&self) -> bool {
+        let c = self.local.replace(Chain::EMPTY);
+        let empty = c.is_empty();
+        self.local.set(c);
+        empty
     }
 
     fn pop_next(&self) -> Option<NonNull<BhHeader>> {
@@ -406,6 +415,12 @@ impl Drop for Running {
 /// yet run stay queued for the next call.
 pub(crate) fn bh_poll(ctx: &AioContext) -> bool {
     let q = &ctx.inner.bh;
+    if q.remote.is_empty() && q.local_is_empty() && q.slices.borrow().is_empty() {
+        // Nothing scheduled and no outer pass in progress. A BH scheduled
+        // from another thread that this load misses is still being pushed:
+        // its notify comes after the push and makes the next pass look.
+        return false;
+    }
     let mut slice = q.remote.take_all();
     slice.append(q.local.replace(Chain::EMPTY));
     q.slices.borrow_mut().push_back(slice);

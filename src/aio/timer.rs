@@ -214,6 +214,9 @@ impl Timers {
     /// re-armed at `now` meanwhile: the callback may stay suspended for
     /// long, and a timer always due would keep `poll` from sleeping.
     pub(crate) fn run(&self, ctx: &AioContext) -> bool {
+        if !self.any_armed() {
+            return false;
+        }
         let mut progress = false;
         for c in CLOCKS {
             if self.closed.get() {

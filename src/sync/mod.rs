@@ -84,10 +84,17 @@ impl Deadline {
     ///
     /// Outside a coroutine, or in one without an AioContext (`api` named).
     #[track_caller]
+    #[inline]
     pub(crate) fn after(d: Option<Duration>, api: &str) -> Deadline {
-        let Some(d) = d else {
-            return Deadline { inner: None };
-        };
+        match d {
+            None => Deadline { inner: None },
+            Some(d) => Deadline::timed(d, api),
+        }
+    }
+
+    #[track_caller]
+    #[cold]
+    fn timed(d: Duration, api: &str) -> Deadline {
         let Some(me) = crate::Coroutine::current() else {
             panic!("{api} called outside a coroutine");
         };
@@ -112,13 +119,24 @@ impl Deadline {
         }
     }
 
+    #[inline]
     pub(crate) fn expired(&self) -> bool {
         self.inner.as_ref().is_some_and(|(st, _)| st.expired.get())
     }
 }
 
 impl Drop for Deadline {
+    #[inline]
     fn drop(&mut self) {
+        if self.inner.is_some() {
+            self.disarm();
+        }
+    }
+}
+
+impl Deadline {
+    #[cold]
+    fn disarm(&mut self) {
         if let Some((st, timer)) = self.inner.take() {
             st.done.set(true);
             drop(timer);

@@ -13,7 +13,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::waitq::{wake_current_coroutine, wake_task, WaitList, Waiter};
+use super::waitq::{coroutine_waiter, recycle, wake_task, WaitList, Waiter};
 use crate::loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::loom::sync::Mutex;
 
@@ -304,7 +304,7 @@ impl<T: ?Sized> CoMutex<T> {
         let deadline = super::Deadline::after(timeout, api);
         if let Some(w) = self
             .raw
-            .lock_or_queue(|| Waiter::new(true, wake_current_coroutine(api)))
+            .lock_or_queue(|| coroutine_waiter(true, api))
         {
             let mut guard = WaitGuard {
                 raw: &self.raw,
@@ -316,7 +316,9 @@ impl<T: ?Sized> CoMutex<T> {
                 }
                 crate::coroutine::suspend();
             }
-            guard.w = None;
+            if let Some(w) = guard.w.take() {
+                recycle(w);
+            }
         }
         self.raw.set_owner(me);
         Some(CoMutexGuard {

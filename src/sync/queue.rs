@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::mutex::{CoMutex, CoMutexGuard};
 use super::rwlock::{CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard};
-use super::waitq::{wake_current_coroutine, WaitList, Waiter, WakeList};
+use super::waitq::{coroutine_waiter, recycle, WaitList, Waiter, WakeList};
 use crate::loom::sync::Mutex;
 
 /// A queue of coroutines waiting for something, usually guarded by a
@@ -51,7 +51,7 @@ impl CoQueue {
     }
 
     fn enqueue(&self, api: &'static str) -> Arc<Waiter> {
-        let w = Waiter::new(false, wake_current_coroutine(api));
+        let w = coroutine_waiter(false, api);
         self.waiters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -88,7 +88,9 @@ impl CoQueue {
             }
             crate::coroutine::suspend();
         }
-        c.1 = None;
+        if let Some(w) = c.1.take() {
+            recycle(w);
+        }
         true
     }
 

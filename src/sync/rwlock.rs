@@ -7,7 +7,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::waitq::{wake_current_coroutine, WaitList, Waiter, WakeList};
+use super::waitq::{coroutine_waiter, recycle, WaitList, Waiter, WakeList};
 use crate::loom::sync::Mutex;
 
 struct State {
@@ -97,7 +97,7 @@ impl<T: ?Sized> CoRwLock<T> {
                 st.owners = if exclusive { -1 } else { st.owners + 1 };
                 return true;
             }
-            let w = Waiter::new(exclusive, wake_current_coroutine(api));
+            let w = coroutine_waiter(exclusive, api);
             st.tickets.push(w.clone());
             w
         };
@@ -134,7 +134,9 @@ impl<T: ?Sized> CoRwLock<T> {
             }
             crate::coroutine::suspend();
         }
-        c.1 = None;
+        if let Some(w) = c.1.take() {
+            recycle(w);
+        }
         true
     }
 
@@ -257,7 +259,7 @@ impl<T: ?Sized> CoRwLock<T> {
                 None
             } else {
                 st.owners -= 1;
-                let w = Waiter::new(true, wake_current_coroutine("CoRwLock::upgrade"));
+                let w = coroutine_waiter(true, "CoRwLock::upgrade");
                 st.tickets.push(w.clone());
                 let mut wake = WakeList::default();
                 st.wake_ready(&mut wake);

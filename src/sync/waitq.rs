@@ -29,6 +29,9 @@ pub(crate) enum WakeTarget {
     /// Anything else (the loom models).
     #[allow(dead_code)]
     Custom(Box<dyn Fn() + Send + Sync>),
+    /// A spare record kept for reuse: wakes nobody.
+    #[allow(dead_code)]
+    Spent,
 }
 
 /// One waiting party.
@@ -89,6 +92,7 @@ impl Waiter {
             }
             WakeTarget::Task(w) => w.wake(),
             WakeTarget::Custom(f) => f(),
+            WakeTarget::Spent => {}
         }
     }
 
@@ -163,6 +167,49 @@ pub(crate) fn wake_current_coroutine(api: &'static str) -> WakeTarget {
         home: crate::aio::thread_serial(),
         remote: co.remote(),
     }
+}
+
+#[cfg(not(coroloop_loom))]
+thread_local! {
+    /// One spare waiter record per thread: a coroutine's contended lock
+    /// reuses the record of its thread's previous wait instead of
+    /// allocating (QEMU keeps the record on the waiting coroutine's stack
+    /// and allocates nothing per wait; this gets the same effect without
+    /// raw pointers into coroutine stacks).
+    static SPARE: std::cell::Cell<Option<Arc<Waiter>>> = const { std::cell::Cell::new(None) };
+}
+
+/// A waiter for the current coroutine (`wake_current_coroutine(api)`),
+/// reusing this thread's spare record when there is one.
+#[track_caller]
+pub(crate) fn coroutine_waiter(exclusive: bool, api: &'static str) -> Arc<Waiter> {
+    let wake = wake_current_coroutine(api);
+    #[cfg(not(coroloop_loom))]
+    if let Some(mut w) = SPARE.try_with(|s| s.take()).ok().flatten() {
+        // Only records nobody else holds are kept (see `recycle`), and a
+        // kept record is reachable from this thread's slot alone.
+        if let Some(x) = Arc::get_mut(&mut w) {
+            *x.granted.get_mut() = false;
+            x.exclusive = exclusive;
+            x.wake = wake;
+            return w;
+        }
+    }
+    Waiter::new(exclusive, wake)
+}
+
+/// Keeps a finished waiter as this thread's spare record if nobody else
+/// holds it any more (an unlocker on another thread may still hold its
+/// clone for a moment: then it is simply dropped). The wake target is
+/// dropped now, so a spare keeps no coroutine alive.
+pub(crate) fn recycle(mut w: Arc<Waiter>) {
+    #[cfg(not(coroloop_loom))]
+    if let Some(x) = Arc::get_mut(&mut w) {
+        x.wake = WakeTarget::Spent;
+        let _ = SPARE.try_with(|s| s.set(Some(w)));
+    }
+    #[cfg(coroloop_loom)]
+    drop(w);
 }
 
 /// The wake-up action of an async task: its waker (`None`: registered at
