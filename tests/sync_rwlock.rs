@@ -194,3 +194,69 @@ fn try_locks_respect_waiting_writers() {
     drop(w);
     assert!(l.try_read().is_some());
 }
+
+// The locks reuse a thread's finished wait record for the next wait: a
+// record last used by a writer (or a `CoMutex` waiter) must come back as a
+// reader's, so two readers queued behind a writer are admitted together,
+// and a mutex waiter's record serves a later read wait.
+#[test]
+fn reused_wait_records_take_the_new_waits_mode() {
+    let m = Rc::new(coroloop::sync::CoMutex::new(()));
+    let l = Rc::new(CoRwLock::new(()));
+    let log = Rc::new(RefCell::new(Vec::new()));
+    // Round 1: a mutex wait (an exclusive record), finished.
+    let holder = {
+        let m = m.clone();
+        Coroutine::new(move || {
+            let g = m.lock();
+            coroutine::suspend();
+            drop(g);
+        })
+    };
+    let waiter = {
+        let (m, log) = (m.clone(), log.clone());
+        Coroutine::new(move || {
+            drop(m.lock());
+            log.borrow_mut().push("mutex");
+        })
+    };
+    holder.enter();
+    waiter.enter();
+    holder.enter();
+    assert!(waiter.is_finished() && holder.is_finished());
+    // Round 2: a writer holds; two readers queue (the first reuses the
+    // exclusive record above); both must hold the read lock together.
+    let writer = {
+        let l = l.clone();
+        Coroutine::new(move || {
+            let g = l.write();
+            coroutine::suspend();
+            drop(g);
+        })
+    };
+    let inside = Rc::new(Cell::new(0));
+    let max_inside = Rc::new(Cell::new(0));
+    let reader = |name: &'static str| {
+        let (l, log, inside, max_inside) =
+            (l.clone(), log.clone(), inside.clone(), max_inside.clone());
+        Coroutine::new(move || {
+            let g = l.read();
+            inside.set(inside.get() + 1);
+            max_inside.set(max_inside.get().max(inside.get()));
+            coroutine::suspend();
+            inside.set(inside.get() - 1);
+            drop(g);
+            log.borrow_mut().push(name);
+        })
+    };
+    let (r1, r2) = (reader("r1"), reader("r2"));
+    writer.enter();
+    r1.enter();
+    r2.enter();
+    writer.enter(); // releases: both readers are admitted
+    assert_eq!(max_inside.get(), 2, "the readers did not share the lock");
+    r1.enter();
+    r2.enter();
+    assert!(r1.is_finished() && r2.is_finished());
+    assert_eq!(*log.borrow(), ["mutex", "r1", "r2"]);
+}

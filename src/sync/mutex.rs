@@ -302,10 +302,7 @@ impl<T: ?Sized> CoMutex<T> {
             });
         }
         let deadline = super::Deadline::after(timeout, api);
-        if let Some(w) = self
-            .raw
-            .lock_or_queue(|| coroutine_waiter(true, api))
-        {
+        if let Some(w) = self.raw.lock_or_queue(|| coroutine_waiter(true, api)) {
             let mut guard = WaitGuard {
                 raw: &self.raw,
                 w: Some(w),
