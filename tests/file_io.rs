@@ -11,7 +11,7 @@
 use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
 use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -281,6 +281,9 @@ fn ten_thousand_coroutines_on_a_small_ring() {
         let data: Vec<u8> = (0..N * 8).flat_map(|i| (i as u16).to_le_bytes()).collect();
         std::fs::write(&p, &data).unwrap();
         let f = Rc::new(CoFile::with_mode(&ctx, open_rw(&p, false).unwrap(), mode));
+        // Every read through the engine: this test is about its queue (the
+        // file was just written, so the page cache would serve it inline).
+        f.set_inline_cached_reads(false);
         let peak = Rc::new(Cell::new(0usize));
         let cos: Vec<_> = (0..N)
             .map(|i| {
@@ -563,6 +566,7 @@ fn a_panicking_coroutine_does_not_strand_the_others_of_its_batch() {
         let p = path(&format!("panic-{mode}"));
         std::fs::write(&p, pattern(4, 8192)).unwrap();
         let f = Rc::new(CoFile::with_mode(&ctx, open_rw(&p, false).unwrap(), mode));
+        f.set_inline_cached_reads(false); // one batch in the engine
         let cos: Vec<_> = (0..8u64)
             .map(|i| {
                 let f = f.clone();
@@ -673,6 +677,85 @@ fn cofile_calls_outside_a_coroutine_name_the_call() {
                 "aio={mode}"
             );
         }
+        std::fs::remove_file(&p).unwrap();
+    }
+}
+
+/// Buffered reads try the page cache inline first (threads and io_uring
+/// by default): a cached read finishes without suspending, the same read
+/// with the attempt turned off goes through the engine, and a read that
+/// the cache holds only in part gets the rest from the engine (pages
+/// dropped with `posix_fadvise(DONTNEED)` after an `fsync`).
+#[test]
+fn cached_reads_complete_inline_and_the_rest_goes_to_the_engine() {
+    let _s = serial();
+    for mode in MODES {
+        let ctx = AioContext::new().unwrap();
+        if !available(&ctx, mode, "inline_reads") {
+            continue;
+        }
+        let p = path(&format!("inline-{mode}"));
+        // Large enough that readahead from the cached half cannot refill
+        // the dropped half before the inline attempt reaches it.
+        const LEN: usize = 16 << 20;
+        let data = pattern(9, LEN);
+        std::fs::write(&p, &data).unwrap();
+        let f = Rc::new(CoFile::with_mode(&ctx, open_rw(&p, false).unwrap(), mode));
+        assert_eq!(
+            f.inline_cached_reads(),
+            mode != AioMode::Native,
+            "default for aio={mode}"
+        );
+        let read_all = |f: &Rc<CoFile>| {
+            let f = f.clone();
+            Coroutine::new(move || {
+                let mut b = vec![0u8; LEN];
+                f.read_exact_at(&mut b, 0).unwrap();
+                b
+            })
+        };
+        // Cached and the attempt on: done within `enter`.
+        if f.inline_cached_reads() {
+            let co = read_all(&f);
+            co.enter();
+            assert!(co.is_finished(), "aio={mode}: a cached read suspended");
+            assert!(co.take_result().unwrap() == data, "aio={mode}: inline data");
+        }
+        // The attempt off: through the engine (the threads engine's is its
+        // pool), so the coroutine suspends.
+        f.set_inline_cached_reads(false);
+        assert!(!f.inline_cached_reads());
+        let co = read_all(&f);
+        co.enter();
+        assert!(
+            !co.is_finished(),
+            "aio={mode}: the engine's read did not suspend"
+        );
+        ctx.poll_while(|| !co.is_finished());
+        assert!(co.take_result().unwrap() == data, "aio={mode}: engine data");
+        // Half the file dropped from the cache: the inline attempt gets
+        // what is cached, the engine the rest, in order.
+        f.set_inline_cached_reads(mode != AioMode::Native);
+        f.file().sync_all().unwrap();
+        let fd = f.file().as_raw_fd();
+        // SAFETY: a valid fd; advice only.
+        let rc = unsafe {
+            libc::posix_fadvise(
+                fd,
+                (LEN / 2) as i64,
+                (LEN / 2) as i64,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(rc, 0);
+        let co = read_all(&f);
+        co.enter();
+        ctx.poll_while(|| !co.is_finished());
+        assert!(
+            co.take_result().unwrap() == data,
+            "aio={mode}: partly cached data"
+        );
+        drop(f);
         std::fs::remove_file(&p).unwrap();
     }
 }
