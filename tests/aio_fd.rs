@@ -381,3 +381,82 @@ fn handler_found_by_polling_and_by_the_monitor_runs_once() {
     assert!(ctx.poll(true));
     assert_eq!(reads.get(), 1, "one pass, one call");
 }
+
+/// Busy polling also asks the fd monitor (zero timeout) when a handler has
+/// no io_poll hook, so a socket a coroutine waits on is noticed in the
+/// first polling round instead of after the polling budget (before, busy
+/// polling could not see it and only delayed the sleep). The coroutine is
+/// resumed once per readiness and reads its data.
+#[test]
+fn busy_polling_sees_sockets_without_io_poll_hooks() {
+    let ctx = new_context();
+    ctx.set_poll_params(50_000_000, 0, 0).unwrap();
+    // A pollable handler that never has work: counts the polling rounds.
+    let rounds = Rc::new(Cell::new(0u32));
+    let r2 = rounds.clone();
+    let idle = Arc::new(EventNotifier::new().unwrap());
+    let _h = ctx
+        .set_event_notifier(
+            idle.clone(),
+            false,
+            Box::new(|| {}),
+            Some(Box::new(move || {
+                r2.set(r2.get() + 1);
+                false
+            })),
+        )
+        .unwrap();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let got = Rc::new(std::cell::RefCell::new(Vec::new()));
+    let g2 = got.clone();
+    let co = coroloop::Coroutine::new(move || {
+        let mut a = coroloop::io::CoFd::new(a).unwrap();
+        for _ in 0..2 {
+            let mut buf = [0u8; 1];
+            a.read_exact(&mut buf).unwrap();
+            g2.borrow_mut().push(buf[0]);
+        }
+    });
+    co.enter(); // waits for the socket on `ctx` (this thread's context)
+    for (i, byte) in [7u8, 9].into_iter().enumerate() {
+        grow_poll_time(&ctx);
+        b.write_all(&[byte]).unwrap();
+        rounds.set(0);
+        assert!(ctx.poll(true));
+        assert_eq!(got.borrow().len(), i + 1, "the socket's coroutine ran");
+        assert_eq!(rounds.get(), 1, "found in the first polling round");
+    }
+    assert!(co.is_finished());
+    assert_eq!(*got.borrow(), [7, 9]);
+}
+
+/// A remote wake-up that the busy loop's monitor call reports (the notify
+/// eventfd) is not lost: the BH scheduled from another thread runs.
+#[test]
+fn busy_polling_monitor_call_keeps_remote_wakeups() {
+    let ctx = new_context();
+    ctx.set_poll_params(50_000_000, 0, 0).unwrap();
+    // An fd handler without io_poll: busy polling asks the monitor.
+    let other = Arc::new(EventNotifier::new().unwrap());
+    let _h = ctx
+        .set_event_notifier(other.clone(), false, Box::new(|| {}), None)
+        .unwrap();
+    grow_poll_time(&ctx);
+    for round in 0..3 {
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r2, c2) = (ran.clone(), ctx.clone());
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            c2.bh_schedule_oneshot(move || r2.store(true, std::sync::atomic::Ordering::SeqCst));
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !ran.load(std::sync::atomic::Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: the BH never ran"
+            );
+            ctx.poll(true);
+        }
+        t.join().unwrap();
+    }
+}

@@ -762,6 +762,9 @@ impl AioContext {
         };
         let mut ready: Vec<Ready> = Vec::new();
         let mut progress = false;
+        // Whether `ready` already holds a fresh answer of the fd monitor
+        // (busy polling asked it): the kernel need not be asked again.
+        let mut monitor_asked = false;
 
         // Adaptive busy polling before sleeping.
         if timeout != Some(0) && poll_max > 0 {
@@ -774,13 +777,27 @@ impl AioContext {
                     local.handlers.poll_started(true);
                 }
                 let t0 = timer::realtime_ns();
+                // Handlers without an io_poll hook (sockets waited on by
+                // coroutines, most fd handlers) are polled through the fd
+                // monitor with a zero timeout: one system call per round
+                // for all of them. Without it, busy polling could not see
+                // a socket become readable and only delayed the sleep
+                // (QEMU turns polling off while such a handler exists).
+                let ask_monitor = local.handlers.unpollable.get() > 0;
                 loop {
-                    let found = local.handlers.poll_once(self, &mut ready)
-                        || local.engines.poll_once()
-                        || inner.notify_core.is_notified();
+                    let mut found = local.handlers.poll_once(self, &mut ready)
+                        | local.engines.poll_once()
+                        | inner.notify_core.is_notified();
+                    if ask_monitor {
+                        // Every round, also when a hook found work: then
+                        // `ready` is complete and the kernel is not asked
+                        // again below.
+                        found |= self.monitor_poll_once(&mut ready);
+                    }
                     let elapsed = timer::realtime_ns() - t0;
                     if found {
                         progress |= !ready.is_empty();
+                        monitor_asked = ask_monitor;
                         timeout = Some(0);
                         break;
                     }
@@ -805,8 +822,9 @@ impl AioContext {
         // every handler has an io_poll hook (QEMU's "non-blocking aio_poll
         // does not need the system call").
         let need_kernel = timeout != Some(0)
-            || local.handlers.unpollable.get() > 0
-            || (ready.is_empty() && !local.handlers.is_empty());
+            || (!monitor_asked
+                && (local.handlers.unpollable.get() > 0
+                    || (ready.is_empty() && !local.handlers.is_empty())));
         if need_kernel {
             let d = timeout.map(|ns| Duration::from_nanos(ns as u64));
             let polled = ready.len();
@@ -849,6 +867,21 @@ impl AioContext {
         // kernel together (QEMU's plug/unplug around a loop iteration).
         local.engines.flush();
         progress
+    }
+
+    /// One round of busy polling for the handlers without an io_poll
+    /// hook: the fd monitor with a zero timeout. Returns whether it
+    /// reported anything (added to `ready`).
+    fn monitor_poll_once(&self, ready: &mut Vec<Ready>) -> bool {
+        let before = ready.len();
+        if let Err(e) = self.inner.monitor.wait(Some(Duration::ZERO), ready) {
+            log::error!("coroloop: AioContext::poll: polling the fds failed: {e}");
+            return false;
+        }
+        if before > 0 && ready.len() > before {
+            merge_ready(ready, before);
+        }
+        ready.len() > before
     }
 
     /// QEMU's grow/shrink rule for the busy-poll time.
