@@ -936,6 +936,9 @@ fn start(
         if io.mode() != cfg.aio {
             log!("--aio {} unavailable here: using {}", cfg.aio, io.mode());
         }
+        // Page-cache writes on the loop thread (paused for a second after
+        // any write that blocks over 1 ms): cheaper than a thread hop.
+        io.set_inline_buffered_writes(true);
         let srv = Rc::new(Server {
             ctx: ctx.clone(),
             export: Export {

@@ -759,3 +759,70 @@ fn cached_reads_complete_inline_and_the_rest_goes_to_the_engine() {
         std::fs::remove_file(&p).unwrap();
     }
 }
+
+/// Inline buffered writes (opt-in): a write finishes without suspending
+/// and lands in the file; off again, writes go to the engine (and
+/// suspend); `O_DIRECT` files and Linux AIO never take them.
+#[test]
+fn inline_buffered_writes_finish_without_suspending() {
+    let _s = serial();
+    for mode in MODES {
+        let ctx = AioContext::new().unwrap();
+        if !available(&ctx, mode, "inline_writes") {
+            continue;
+        }
+        let p = path(&format!("inline-w-{mode}"));
+        std::fs::write(&p, vec![0u8; 64 * 1024]).unwrap();
+        let f = Rc::new(CoFile::with_mode(&ctx, open_rw(&p, false).unwrap(), mode));
+        assert!(!f.inline_buffered_writes(), "off by default");
+        f.set_inline_buffered_writes(true);
+        assert_eq!(
+            f.inline_buffered_writes(),
+            mode != AioMode::Native,
+            "aio={mode}"
+        );
+        let write = |f: &Rc<CoFile>, block: u64| {
+            let f = f.clone();
+            Coroutine::new(move || f.write_all_at(&pattern(block, 4096), block * 4096).unwrap())
+        };
+        let co = write(&f, 1);
+        co.enter();
+        if mode != AioMode::Native {
+            assert!(co.is_finished(), "aio={mode}: an inline write suspended");
+        }
+        ctx.poll_while(|| !co.is_finished());
+        f.set_inline_buffered_writes(false);
+        assert!(!f.inline_buffered_writes());
+        let co = write(&f, 2);
+        co.enter();
+        if mode != AioMode::Threads {
+            // (The threads engine's `pwritev2(RWF_NOWAIT)` may finish it at
+            // once where the filesystem supports it.)
+            assert!(
+                !co.is_finished(),
+                "aio={mode}: the engine's write did not suspend"
+            );
+        }
+        ctx.poll_while(|| !co.is_finished());
+        drop(f);
+        let data = std::fs::read(&p).unwrap();
+        assert!(
+            data[4096..8192] == pattern(1, 4096)[..],
+            "aio={mode}: inline data"
+        );
+        assert!(
+            data[8192..12288] == pattern(2, 4096)[..],
+            "aio={mode}: engine data"
+        );
+        std::fs::remove_file(&p).unwrap();
+        // O_DIRECT: never inline.
+        let pd = path(&format!("inline-wd-{mode}"));
+        std::fs::write(&pd, vec![0u8; 8192]).unwrap();
+        if let Ok(fd) = open_rw(&pd, true) {
+            let f = CoFile::with_mode(&ctx, fd, mode);
+            f.set_inline_buffered_writes(true);
+            assert!(!f.inline_buffered_writes(), "aio={mode}: O_DIRECT");
+        }
+        std::fs::remove_file(&pd).unwrap();
+    }
+}
