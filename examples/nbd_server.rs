@@ -225,7 +225,10 @@ struct Timing {
 
 impl Timing {
     fn report(&mut self) {
-        for (name, v) in [("service", &mut self.service_ns), ("idle", &mut self.idle_ns)] {
+        for (name, v) in [
+            ("service", &mut self.service_ns),
+            ("idle", &mut self.idle_ns),
+        ] {
             if v.is_empty() {
                 continue;
             }
