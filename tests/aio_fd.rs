@@ -459,4 +459,14 @@ fn busy_polling_monitor_call_keeps_remote_wakeups() {
         }
         t.join().unwrap();
     }
+    // A bare notify while the loop busy-polls (with the monitor asked
+    // every round) ends the blocking pass and is not progress.
+    grow_poll_time(&ctx);
+    let c2 = ctx.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        c2.notify();
+    });
+    assert!(!ctx.poll(true), "a bare notify counted as progress");
+    t.join().unwrap();
 }

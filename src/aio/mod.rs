@@ -785,9 +785,9 @@ impl AioContext {
                 // (QEMU turns polling off while such a handler exists).
                 let ask_monitor = local.handlers.unpollable.get() > 0;
                 loop {
-                    let mut found = local.handlers.poll_once(self, &mut ready)
-                        | local.engines.poll_once()
-                        | inner.notify_core.is_notified();
+                    let hooks = local.handlers.poll_once(self, &mut ready);
+                    let mut found =
+                        hooks | local.engines.poll_once() | inner.notify_core.is_notified();
                     if ask_monitor {
                         // Every round, also when a hook found work: then
                         // `ready` is complete and the kernel is not asked
@@ -796,7 +796,10 @@ impl AioContext {
                     }
                     let elapsed = timer::realtime_ns() - t0;
                     if found {
-                        progress |= !ready.is_empty();
+                        // An io_poll hook that found work is progress (as
+                        // QEMU's); what the monitor reported (maybe only
+                        // the notifier) is dispatched below like any pass's.
+                        progress |= hooks;
                         monitor_asked = ask_monitor;
                         timeout = Some(0);
                         break;
