@@ -697,7 +697,7 @@ fn cached_reads_complete_inline_and_the_rest_goes_to_the_engine() {
         let p = path(&format!("inline-{mode}"));
         // Large enough that readahead from the cached half cannot refill
         // the dropped half before the inline attempt reaches it.
-        const LEN: usize = 16 << 20;
+        const LEN: usize = 4 << 20;
         let data = pattern(9, LEN);
         std::fs::write(&p, &data).unwrap();
         let f = Rc::new(CoFile::with_mode(&ctx, open_rw(&p, false).unwrap(), mode));
