@@ -76,7 +76,8 @@ impl IoThreadBuilder {
     /// project's 2-vCPU VM a local NBD client's turnaround was 40-60 µs,
     /// above the 32 µs default (QEMU's), and the NBD example's 4 KiB reads
     /// at queue depth 1 went from about 11,000 to 22,000-29,000 per second
-    /// with 100 µs (BENCHMARKS.md, "NBD: latency"). Polling stops by
+    /// with 100 µs (BENCHMARKS.md, "NBD against nbdkit on every workload",
+    /// "QD1: where a request's time goes"). Polling stops by
     /// itself while waits are longer than `max_ns`.
     pub fn poll_params(mut self, max_ns: i64, grow: i64, shrink: i64) -> IoThreadBuilder {
         self.poll_max_ns = max_ns;

@@ -583,7 +583,8 @@ impl CoFile {
     /// is copied before any of it is used. Measured with the NBD example on
     /// 64 KiB sequential reads of a page-cached image just after a burst
     /// of writes: about 1,100-1,200 MB/s through the ring, 2,150-2,200 MB/s
-    /// with the inline attempt (BENCHMARKS.md, "NBD: cached reads inline").
+    /// with the inline attempt (BENCHMARKS.md, "NBD against nbdkit on every
+    /// workload", "64 KiB sequential reads with io_uring").
     /// Turn it off to send every read through the engine (to exercise the
     /// ring, or to keep the loop thread's time per read bounded when the
     /// page cache holds large extents).
@@ -599,7 +600,8 @@ impl CoFile {
     /// µs for 4 KiB), and handing it to a worker thread and back costs more
     /// than the write itself: the NBD example's 4 KiB writes at queue
     /// depth 16 went from about 40,000 to 61,000-76,000 per second on this
-    /// project's VM (BENCHMARKS.md, "NBD: writes"). But a buffered write
+    /// project's VM (BENCHMARKS.md, "NBD against nbdkit on every workload",
+    /// "Writes"). But a buffered write
     /// *can* block: when the kernel throttles writers because too much
     /// data is dirty, or on a metadata lock. So each inline write is timed:
     /// one that takes longer than 1 ms sends this file's writes back to
