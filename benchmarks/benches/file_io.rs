@@ -18,7 +18,11 @@
 //!   coroutines on one `AioContext`, `CoFile::read_at` with
 //!   `AioMode::{IoUring, Native, Threads}` (an engine that cannot be set
 //!   up prints `SKIP: <engine>: <err>`). Linux AIO on a buffered file is
-//!   synchronous `io_submit` (as in QEMU); it is measured anyway.
+//!   synchronous `io_submit` (as in QEMU); it is measured anyway. The
+//!   io_uring row sends every read to the ring
+//!   (`CoFile::set_inline_cached_reads(false)`): the inline page-cache
+//!   attempt, default for threads and io_uring, is what the
+//!   `coroloop_threads` row measures.
 //! * `tokio_uring`: QD `tokio_uring::spawn`ed tasks on one tokio-uring
 //!   runtime, `File::read_at` into an owned aligned buffer.
 //! * `tokio_fs_spawn_blocking`: QD tasks on a current-thread tokio
@@ -270,6 +274,12 @@ fn coroloop(g: &mut BenchmarkGroup<'_, WallTime>, s: &Setup, name: &str, mode: A
             return;
         }
     };
+    // The io_uring row measures the ring: every read goes through it (by
+    // default an io_uring `CoFile` serves page-cache hits inline, as the
+    // threads engine does, which `coroloop_threads` measures).
+    if mode == AioMode::IoUring {
+        file.set_inline_cached_reads(false);
+    }
     let qd = s.qd;
     g.bench_function(name, |b| {
         b.iter_custom(|iters| {
