@@ -304,19 +304,19 @@ fn grow_poll_time(ctx: &AioContext) {
     assert!(ctx.poll_ns() > 0, "polling time grew");
 }
 
-#[test]
-fn io_poll_handler_is_busy_polled() {
-    let ctx = new_context();
-    // A generous maximum: the 100 µs wait below must count as "short" even
-    // on a loaded machine, so that the polling time grows.
-    ctx.set_poll_params(50_000_000, 0, 0).unwrap();
-    let e = Arc::new(EventNotifier::new().unwrap());
-    let flag = Rc::new(Cell::new(false));
+/// A busy-polled handler: its io_poll hook reports `flag` and counts its
+/// calls; its read callback clears the notifier and the flag and counts
+/// its runs.
+fn flag_polled_notifier(
+    ctx: &AioContext,
+    e: &Arc<EventNotifier>,
+    flag: &Rc<Cell<bool>>,
+) -> FlagPolled {
     let reads = Rc::new(Cell::new(0));
-    let (f2, r2, e2) = (flag.clone(), reads.clone(), e.clone());
     let polled = Rc::new(Cell::new(0u64));
-    let p2 = polled.clone();
-    let _h = ctx
+    let (f2, r2, e2) = (flag.clone(), reads.clone(), e.clone());
+    let (f3, p3) = (flag.clone(), polled.clone());
+    let h = ctx
         .set_event_notifier(
             e.clone(),
             false,
@@ -325,15 +325,38 @@ fn io_poll_handler_is_busy_polled() {
                 f2.set(false);
                 r2.set(r2.get() + 1);
             }),
-            Some(Box::new({
-                let f = flag.clone();
-                move || {
-                    p2.set(p2.get() + 1);
-                    f.get()
-                }
+            Some(Box::new(move || {
+                p3.set(p3.get() + 1);
+                f3.get()
             })),
         )
         .unwrap();
+    FlagPolled {
+        _h: h,
+        reads,
+        polled,
+    }
+}
+
+/// What `flag_polled_notifier` made: the handler (registered while this
+/// lives), its read callback's runs and its io_poll calls.
+struct FlagPolled {
+    _h: FdHandler<Arc<EventNotifier>>,
+    reads: Rc<Cell<u32>>,
+    polled: Rc<Cell<u64>>,
+}
+
+#[test]
+fn io_poll_handler_is_busy_polled() {
+    let ctx = new_context();
+    // A generous maximum: the 100 µs wait below must count as "short" even
+    // on a loaded machine, so that the polling time grows.
+    ctx.set_poll_params(50_000_000, 0, 0).unwrap();
+    let e = Arc::new(EventNotifier::new().unwrap());
+    let flag = Rc::new(Cell::new(false));
+    let FlagPolled {
+        _h, reads, polled, ..
+    } = flag_polled_notifier(&ctx, &e, &flag);
     grow_poll_time(&ctx);
     // Work visible only through io_poll: found without the fd being set.
     flag.set(true);
@@ -352,24 +375,8 @@ fn handler_found_by_polling_and_by_the_monitor_runs_once() {
     let ctx = new_context();
     ctx.set_poll_params(50_000_000, 0, 0).unwrap();
     let e = Arc::new(EventNotifier::new().unwrap());
-    let reads = Rc::new(Cell::new(0));
     let flag = Rc::new(Cell::new(false)); // set with the notifier
-    let (r2, e2, f2) = (reads.clone(), e.clone(), flag.clone());
-    let _h = ctx
-        .set_event_notifier(
-            e.clone(),
-            false,
-            Box::new(move || {
-                e2.test_and_clear();
-                f2.set(false);
-                r2.set(r2.get() + 1);
-            }),
-            Some(Box::new({
-                let f = flag.clone();
-                move || f.get()
-            })),
-        )
-        .unwrap();
+    let FlagPolled { _h, reads, .. } = flag_polled_notifier(&ctx, &e, &flag);
     // A handler without io_poll: every pass asks the kernel.
     let other = Arc::new(EventNotifier::new().unwrap());
     let _h2 = ctx
@@ -392,20 +399,10 @@ fn busy_polling_sees_sockets_without_io_poll_hooks() {
     let ctx = new_context();
     ctx.set_poll_params(50_000_000, 0, 0).unwrap();
     // A pollable handler that never has work: counts the polling rounds.
-    let rounds = Rc::new(Cell::new(0u32));
-    let r2 = rounds.clone();
     let idle = Arc::new(EventNotifier::new().unwrap());
-    let _h = ctx
-        .set_event_notifier(
-            idle.clone(),
-            false,
-            Box::new(|| {}),
-            Some(Box::new(move || {
-                r2.set(r2.get() + 1);
-                false
-            })),
-        )
-        .unwrap();
+    let FlagPolled {
+        _h, polled: rounds, ..
+    } = flag_polled_notifier(&ctx, &idle, &Rc::new(Cell::new(false)));
     let (a, mut b) = UnixStream::pair().unwrap();
     let got = Rc::new(std::cell::RefCell::new(Vec::new()));
     let g2 = got.clone();

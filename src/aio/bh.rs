@@ -273,13 +273,11 @@ impl BhQueues {
 
     /// As `has_home_nodes`, on the home thread through a shared reference.
     pub(crate) fn has_home_nodes_shared(&self) -> bool {
-        let local = self.local.replace(Chain::EMPTY);
-        let any = !local.is_empty();
-        self.local.set(local);
-        any || self
-            .slices
-            .try_borrow()
-            .map_or(true, |s| s.iter().any(|c| !c.is_empty()))
+        !self.local_is_empty()
+            || self
+                .slices
+                .try_borrow()
+                .map_or(true, |s| s.iter().any(|c| !c.is_empty()))
     }
 
     pub(crate) fn new() -> BhQueues {
